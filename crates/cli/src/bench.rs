@@ -1,0 +1,133 @@
+//! `torpor bench create`: how long a sandbox takes to become useful, what an exec round trip
+//! costs, and what an idle sandbox costs the host. Runs against a live daemon on this host.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use reqwest::Method;
+use torpor_control::model::{CreateSandbox, ExecEvent, ExecRequest, Sandbox};
+
+use crate::client::Client;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Create → first successful exec, exec round trip of `true`, VM memory per idle sandbox.
+    Create {
+        /// Sandboxes to create (one after another).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// `true` round trips per sandbox.
+        #[arg(long, default_value_t = 20)]
+        exec_runs: usize,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// Print the raw samples as JSON too.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (s.len() as f64 - 1.0)).round() as usize;
+    s[rank.min(s.len() - 1)]
+}
+
+fn meminfo_kib(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+}
+
+fn proc_kib(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+}
+
+async fn exec_true(client: &Client, id: &str) -> Result<Duration> {
+    let req = ExecRequest { argv: vec!["true".into()], ..Default::default() };
+    let start = Instant::now();
+    let (_, _, exit) = client.exec_collect(id, &req).await?;
+    let took = start.elapsed();
+    if exit != (ExecEvent::Exit { code: Some(0), signal: None, timed_out: false }) {
+        bail!("`true` did not succeed: {exit:?}");
+    }
+    Ok(took)
+}
+
+pub async fn run(cmd: BenchCommand, url: &str, api_key: Option<String>) -> Result<()> {
+    let BenchCommand::Create { runs, exec_runs, vcpus, memory, json } = cmd;
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let client = Client::new(url, api_key)?;
+    let (mut create_ms, mut exec_ms, mut rss_mib, mut pss_mib, mut host_mib) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut accel = String::new();
+    for run in 1..=runs {
+        let before = meminfo_kib("MemAvailable");
+        let start = Instant::now();
+        let req = CreateSandbox { vcpus: Some(vcpus), memory_mib: Some(memory), ..Default::default() };
+        let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating a sandbox")?;
+        let first = exec_true(&client, &sandbox.id).await;
+        let created = start.elapsed();
+        let result = async {
+            first?;
+            for _ in 0..exec_runs {
+                exec_ms.push(exec_true(&client, &sandbox.id).await?.as_secs_f64() * 1e3);
+            }
+            let pid = sandbox.pid.context("sandbox has no VM pid")?;
+            rss_mib.push(proc_kib(pid, "status", "VmRSS").unwrap_or(0) as f64 / 1024.0);
+            pss_mib.push(proc_kib(pid, "smaps_rollup", "Pss").unwrap_or(0) as f64 / 1024.0);
+            if let (Some(b), Some(a)) = (before, meminfo_kib("MemAvailable")) {
+                host_mib.push((b as f64 - a as f64) / 1024.0);
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        accel = sandbox.accelerator.clone();
+        let _ = client.send(client.request(Method::DELETE, &format!("/v1/sandboxes/{}", sandbox.id))).await;
+        result?;
+        create_ms.push(created.as_secs_f64() * 1e3);
+        eprintln!("run {run}/{runs}: create → first exec {:.0} ms", created.as_secs_f64() * 1e3);
+    }
+    let line = |name: &str, s: &[f64], unit: &str| {
+        println!("{name:<36} p50 {:>9.1} {unit:<4} p95 {:>9.1} {unit:<4} (n={})", percentile(s, 50.0), percentile(s, 95.0), s.len());
+    };
+    println!("accelerator: {accel}   vcpus: {vcpus}   memory: {memory} MiB   runs: {runs}");
+    line("create → first successful exec", &create_ms, "ms");
+    line("exec round trip of `true`", &exec_ms, "ms");
+    line("QEMU RSS per idle sandbox", &rss_mib, "MiB");
+    line("QEMU PSS per idle sandbox", &pss_mib, "MiB");
+    line("host MemAvailable drop per sandbox", &host_mib, "MiB");
+    println!(
+        "ratio: create → first exec is {:.0}x an exec round trip (p50); QEMU RSS is {:.0}% of guest memory",
+        percentile(&create_ms, 50.0) / percentile(&exec_ms, 50.0),
+        100.0 * percentile(&rss_mib, 50.0) / memory as f64
+    );
+    if json {
+        let raw = serde_json::json!({
+            "accelerator": accel, "create_ms": create_ms, "exec_ms": exec_ms,
+            "rss_mib": rss_mib, "pss_mib": pss_mib, "host_mib": host_mib,
+        });
+        println!("{raw}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles() {
+        let s = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(super::percentile(&s, 50.0), 3.0);
+        assert_eq!(super::percentile(&s, 100.0), 5.0);
+        assert_eq!(super::percentile(&s, 0.0), 1.0);
+        assert!(super::percentile(&[], 50.0).is_nan());
+    }
+}

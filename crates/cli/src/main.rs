@@ -1,0 +1,97 @@
+//! `torpor`: the daemon (`torpor server`) and the command-line client for everything else.
+
+mod bench;
+mod client;
+mod cp;
+mod exec;
+mod image;
+mod sandbox;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "torpor", version, about = "microVM sandboxes for AI agents", propagate_version = true)]
+struct Cli {
+    /// URL of the Torpor daemon.
+    #[arg(long, global = true, env = "TORPOR_URL", default_value = "http://127.0.0.1:7070")]
+    url: String,
+    /// API key; by default read from $TORPOR_HOME/api-key (/var/lib/torpor/api-key).
+    #[arg(long, global = true, env = "TORPOR_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: REST API, sandbox lifecycle, state in $TORPOR_HOME (needs root).
+    Server {
+        /// Config file (TOML); default $TORPOR_HOME/config.toml if it exists.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the API listen address, e.g. 127.0.0.1:7070.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Manage sandboxes.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
+    /// Build guest images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Measure performance against a running daemon.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server { config, listen } => run_server(config, listen).await.map(|_| ExitCode::SUCCESS),
+            Command::Image(cmd) => image::run(cmd).map(|_| ExitCode::SUCCESS),
+            Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, cli.api_key).await,
+            Command::Bench(cmd) => bench::run(cmd, &cli.url, cli.api_key).await.map(|_| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_server(config: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn,tower=warn".into()),
+        )
+        .with_target(false)
+        .init();
+    let mut cfg = torpor_control::config::Config::load(config.as_deref())?;
+    if let Some(listen) = listen {
+        cfg.listen = listen;
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down the API; sandboxes keep running");
+    };
+    torpor_control::server::run(cfg, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! `torpor sandbox …`.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use reqwest::Method;
+use torpor_control::model::{CreateSandbox, Sandbox};
+
+use crate::client::Client;
+
+#[derive(Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox and wait until it is ready; prints its id.
+    Create {
+        #[arg(long, default_value = "base")]
+        template: String,
+        /// Virtual CPUs (default from the daemon's config: 1).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB (default from the daemon's config: 512).
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Default environment for every command in the sandbox, as KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Print the whole sandbox as JSON instead of its id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List sandboxes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox.
+    Get {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a sandbox, streaming its output; exits with the command's exit code
+    /// (128+N if killed by signal N, 124 on timeout). Stdin is forwarded.
+    Exec {
+        id: String,
+        /// Extra environment, KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory in the guest (absolute).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// User to run as (name or uid); default root.
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Kill the command after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
+    /// Copy a file between the host and a sandbox; one side is `ID:/absolute/path`.
+    Cp { src: String, dst: String },
+    /// Power a sandbox off cleanly; its disk is kept.
+    Stop { id: String },
+    /// Remove a sandbox and everything it owns.
+    Rm { id: String },
+}
+
+pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut env = BTreeMap::new();
+    for pair in pairs {
+        let Some((k, v)) = pair.split_once('=') else { bail!("--env expects KEY=VALUE, got {pair:?}") };
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(env)
+}
+
+pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
+    let client = Client::new(url, api_key)?;
+    match cmd {
+        SandboxCommand::Create { template, vcpus, memory, env, json } => {
+            let req = CreateSandbox { template: Some(template), vcpus, memory_mib: memory, env: parse_env(&env)? };
+            let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sandbox)?);
+            } else {
+                println!("{}", sandbox.id);
+            }
+        }
+        SandboxCommand::List { json } => {
+            let list: serde_json::Value = client.json(Method::GET, "/v1/sandboxes", None::<&()>).await?;
+            let sandboxes: Vec<Sandbox> = serde_json::from_value(list["sandboxes"].clone())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sandboxes)?);
+            } else {
+                println!("{:<14} {:<9} {:>5} {:>8}  {:<20} REASON", "ID", "STATE", "VCPUS", "MEMORY", "CREATED");
+                for s in sandboxes {
+                    println!(
+                        "{:<14} {:<9} {:>5} {:>7}M  {:<20} {}",
+                        s.id,
+                        s.state.as_str(),
+                        s.vcpus,
+                        s.memory_mib,
+                        s.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        s.reason.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        SandboxCommand::Get { id, json } => {
+            let s = client.sandbox(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_sandbox(&s);
+            }
+        }
+        SandboxCommand::Exec { id, env, cwd, user, timeout, command } => {
+            let req = torpor_control::model::ExecRequest {
+                argv: command,
+                env: parse_env(&env)?,
+                cwd,
+                user,
+                stdin: None,
+                timeout_secs: timeout,
+            };
+            return crate::exec::interactive(&client, &id, &req).await;
+        }
+        SandboxCommand::Cp { src, dst } => crate::cp::run(&client, &src, &dst).await?,
+        SandboxCommand::Stop { id } => {
+            let s: Sandbox = client.json(Method::POST, &format!("/v1/sandboxes/{id}/stop"), None::<&()>).await?;
+            println!("{} {}", s.id, s.state);
+        }
+        SandboxCommand::Rm { id } => {
+            client.send(client.request(Method::DELETE, &format!("/v1/sandboxes/{id}"))).await?;
+            println!("{id} removed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_sandbox(s: &Sandbox) {
+    println!("id:          {}", s.id);
+    println!("state:       {}", s.state);
+    if let Some(reason) = &s.reason {
+        println!("reason:      {reason}");
+    }
+    println!("template:    {}", s.template);
+    println!("vcpus:       {}", s.vcpus);
+    println!("memory:      {} MiB", s.memory_mib);
+    println!("accelerator: {}", s.accelerator);
+    if let Some(pid) = s.pid {
+        println!("vm pid:      {pid}");
+    }
+    println!("guest ip:    {}", s.network.guest_ip);
+    if let Some(addr) = &s.network.host_address {
+        println!("supervisor:  {addr}");
+    }
+    if !s.env_keys.is_empty() {
+        println!("env:         {}", s.env_keys.join(", "));
+    }
+    println!("created:     {}", s.created_at.to_rfc3339());
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn env_pairs() {
+        let env = super::parse_env(&["A=1".into(), "B=x=y".into()]).unwrap();
+        assert_eq!(env["A"], "1");
+        assert_eq!(env["B"], "x=y");
+        assert!(super::parse_env(&["NOEQUALS".into()]).is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! The REST API (axum). Every route under `/v1` except `/v1/health` and `/v1/openapi.json`
+//! needs `Authorization: Bearer <api key>`.
+
+mod exec;
+mod files;
+mod sandboxes;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use subtle::ConstantTimeEq;
+use utoipa::OpenApi;
+
+use crate::error::{ApiError, ErrorBody, ErrorDetail};
+use crate::manager::Manager;
+use crate::model::*;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Arc<Manager>,
+    pub api_key: Arc<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Torpor API", description = "microVM sandboxes for AI agents"),
+    paths(
+        sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::stop, sandboxes::delete,
+        exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health
+    ),
+    components(schemas(
+        Sandbox, crate::model::State, NetworkInfo, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
+        ErrorDetail, sandboxes::SandboxList, files::Uploaded, Health
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "api_key",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let authed = Router::new()
+        .route("/v1/sandboxes", post(sandboxes::create).get(sandboxes::list))
+        .route("/v1/sandboxes/{id}", get(sandboxes::get_one).delete(sandboxes::delete))
+        .route("/v1/sandboxes/{id}/stop", post(sandboxes::stop))
+        .route("/v1/sandboxes/{id}/exec", post(exec::exec_post))
+        .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
+        .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(exec::signal))
+        .route("/v1/sandboxes/{id}/files", get(files::download).put(files::upload))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .merge(authed)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(state)
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    /// `kvm` or `tcg`; null when QEMU is missing.
+    pub accelerator: Option<String>,
+}
+
+/// Liveness of the daemon itself; needs no API key.
+#[utoipa::path(get, path = "/v1/health", security(()), responses((status = 200, body = Health)))]
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        accelerator: state.manager.accelerator(),
+    })
+}
+
+async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(state.api_key.as_bytes())) {
+        next.run(req).await
+    } else {
+        ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer <key>)")
+            .into_response()
+    }
+}
+
+/// Turns axum's JSON rejections into our error shape, keeping their explanation.
+pub(crate) fn json_body<T>(body: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(v)| v).map_err(|e| ApiError::invalid(format!("invalid JSON body: {}", e.body_text())))
+}

@@ -1,0 +1,59 @@
+//! Sandbox lifecycle endpoints.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::{json_body, AppState};
+use crate::error::{ApiError, ErrorBody};
+use crate::model::{CreateSandbox, Sandbox};
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// Creates a sandbox and returns once its supervisor answers.
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, responses(
+    (status = 201, body = Sandbox),
+    (status = 400, body = ErrorBody, description = "invalid request"),
+    (status = 404, body = ErrorBody, description = "unknown template"),
+    (status = 503, body = ErrorBody, description = "QEMU or the guest image is missing"),
+    (status = 500, body = ErrorBody, description = "the VM did not boot; the message has the console tail"),
+))]
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<Json<CreateSandbox>, JsonRejection>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+    let req = json_body(body)?.validate(&state.manager.cfg)?;
+    let sandbox = state.manager.create(req).await?;
+    Ok((StatusCode::CREATED, Json(sandbox)))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes", responses((status = 200, body = SandboxList)))]
+pub async fn list(State(state): State<AppState>) -> Result<Json<SandboxList>, ApiError> {
+    Ok(Json(SandboxList { sandboxes: state.manager.list().await? }))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", params(("id" = String, Path)), responses(
+    (status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
+pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(state.manager.get(&id).await?))
+}
+
+/// Powers the sandbox off cleanly; its disk is kept.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", params(("id" = String, Path)), responses(
+    (status = 200, body = Sandbox), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "not running")))]
+pub async fn stop(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(state.manager.stop(&id).await?))
+}
+
+/// Removes the sandbox: VM, network, disk and record.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("id" = String, Path)), responses(
+    (status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    state.manager.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

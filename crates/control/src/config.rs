@@ -1,0 +1,160 @@
+//! Daemon configuration: embedded defaults, optionally overridden by a TOML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use torpor_engine::AccelPreference;
+use torpor_net::AddressPool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the REST API.
+    pub listen: SocketAddr,
+    /// Database, API key and per-sandbox files. `$TORPOR_HOME`, else `/var/lib/torpor`.
+    pub data_dir: PathBuf,
+    /// Built guest images. `$TORPOR_IMAGES`, else `/var/cache/torpor/images`.
+    pub image_dir: PathBuf,
+    /// QEMU executable (name on `PATH` or absolute path).
+    pub qemu: String,
+    pub accel: AccelPreference,
+    /// Host-side addresses, one /30 per sandbox.
+    pub address_pool: String,
+    /// How long a new sandbox may take to answer its first health check.
+    pub boot_timeout_secs: u64,
+    /// Largest file `cp` moves in either direction.
+    pub max_file_bytes: u64,
+    /// Appended to every guest kernel command line.
+    pub kernel_args_extra: String,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u32,
+    pub max_vcpus: u32,
+    pub min_memory_mib: u32,
+    pub max_memory_mib: u32,
+}
+
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("TORPOR_HOME").map(PathBuf::from).unwrap_or_else(|| "/var/lib/torpor".into())
+}
+
+pub fn default_image_dir() -> PathBuf {
+    std::env::var_os("TORPOR_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/cache/torpor/images".into())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: default_data_dir(),
+            image_dir: default_image_dir(),
+            qemu: "qemu-system-x86_64".into(),
+            accel: AccelPreference::Auto,
+            address_pool: "10.240.0.0/16".into(),
+            boot_timeout_secs: 120,
+            max_file_bytes: 1 << 30,
+            kernel_args_extra: String::new(),
+            default_vcpus: 1,
+            default_memory_mib: 512,
+            max_vcpus: 16,
+            min_memory_mib: 128,
+            max_memory_mib: 65536,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, overridden by `path` if given, else by `<data_dir>/config.toml` if it exists.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let implicit = default_data_dir().join("config.toml");
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => implicit.is_file().then_some(implicit),
+        };
+        let config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse { path, message: e.to_string() })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pool()?;
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
+        if self.max_vcpus == 0 {
+            return invalid("max_vcpus", "must be at least 1");
+        }
+        if self.min_memory_mib < 64 || self.min_memory_mib > self.max_memory_mib {
+            return invalid("min_memory_mib", "must be at least 64 and at most max_memory_mib");
+        }
+        if self.default_vcpus == 0 || self.default_vcpus > self.max_vcpus {
+            return invalid("default_vcpus", "must be between 1 and max_vcpus");
+        }
+        if !(self.min_memory_mib..=self.max_memory_mib).contains(&self.default_memory_mib) {
+            return invalid("default_memory_mib", "must be between min_memory_mib and max_memory_mib");
+        }
+        if self.boot_timeout_secs == 0 {
+            return invalid("boot_timeout_secs", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn pool(&self) -> Result<AddressPool, ConfigError> {
+        self.address_pool
+            .parse()
+            .map_err(|e: torpor_net::PoolError| ConfigError::Invalid { key: "address_pool", message: e.to_string() })
+    }
+
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.data_dir.join("sandboxes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9999\"\nmax_vcpus = 4\n").unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.max_vcpus, 4);
+        assert_eq!(c.default_memory_mib, 512);
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn inconsistent_limits_are_refused() {
+        let c = Config { default_vcpus: 8, max_vcpus: 4, ..Config::default() };
+        assert!(c.validate().is_err());
+        let c = Config { address_pool: "10.0.0.0/31".into(), ..Config::default() };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! The host's client for one sandbox's supervisor.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+use torpor_proto::supervisor::supervisor_client::SupervisorClient;
+use torpor_proto::supervisor::*;
+use torpor_proto::AUTH_HEADER;
+
+#[derive(Clone)]
+pub struct Auth {
+    header: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert(AUTH_HEADER, self.header.clone());
+        Ok(req)
+    }
+}
+
+pub type Client = SupervisorClient<InterceptedService<Channel, Auth>>;
+
+#[derive(Clone)]
+pub struct GuestClient {
+    client: Client,
+}
+
+impl GuestClient {
+    /// Connects lazily: nothing is dialled until the first call.
+    pub fn new(addr: SocketAddr, secret: &str) -> Self {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address is a valid URI")
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let channel = endpoint.connect_lazy();
+        let header = format!("Bearer {secret}").parse().expect("hex secret is valid ASCII");
+        let client = SupervisorClient::with_interceptor(channel, Auth { header })
+            .max_decoding_message_size(16 * 1024 * 1024);
+        Self { client }
+    }
+
+    pub fn raw(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub async fn health(&self, timeout: Duration) -> Result<HealthResponse, Status> {
+        let mut req = Request::new(HealthRequest {});
+        req.set_timeout(timeout);
+        Ok(self.raw().health(req).await?.into_inner())
+    }
+
+    pub async fn set_env(&self, env: std::collections::HashMap<String, String>) -> Result<(), Status> {
+        self.raw().set_env(SetEnvRequest { env, replace: false }).await?;
+        Ok(())
+    }
+
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), Status> {
+        let mut req = Request::new(ShutdownRequest {});
+        req.set_timeout(timeout);
+        self.raw().shutdown(req).await?;
+        Ok(())
+    }
+
+    pub async fn signal(&self, exec_id: &str, signal: i32) -> Result<(), Status> {
+        self.raw().signal(SignalRequest { exec_id: exec_id.to_owned(), signal }).await?;
+        Ok(())
+    }
+
+    pub async fn info(&self) -> Result<InfoResponse, Status> {
+        Ok(self.raw().info(InfoRequest {}).await?.into_inner())
+    }
+}

@@ -1,0 +1,12 @@
+//! The Torpor control plane: sandbox lifecycle over the engine and network crates, durable state
+//! in SQLite, and the REST API.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod files;
+pub mod guest;
+pub mod manager;
+pub mod model;
+pub mod server;
+pub mod store;

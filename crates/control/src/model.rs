@@ -1,0 +1,280 @@
+//! The public shapes of the API. These serialise to the stable JSON documented in the README and
+//! the OpenAPI document; add fields, never rename or remove them.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::config::Config;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Creating,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Creating => "creating",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        [State::Creating, State::Running, State::Stopping, State::Stopped, State::Failed]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NetworkInfo {
+    /// Address of the guest inside its VM (the same in every sandbox).
+    pub guest_ip: String,
+    /// Host-side address through which the host reaches this sandbox's supervisor.
+    pub host_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    pub state: State,
+    /// Why the sandbox failed; only set when `state` is `failed`.
+    pub reason: Option<String>,
+    pub template: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Names of the default environment variables (values are not echoed back).
+    pub env_keys: Vec<String>,
+    /// `kvm` or `tcg`.
+    pub accelerator: String,
+    /// PID of the VM process while it runs.
+    pub pid: Option<u32>,
+    pub network: NetworkInfo,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Template to boot; `base` if omitted.
+    pub template: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    /// Default environment for every exec in the sandbox.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A create request with defaults filled in and every field checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidCreate {
+    pub template: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub env: BTreeMap<String, String>,
+}
+
+impl CreateSandbox {
+    pub fn validate(self, cfg: &Config) -> Result<ValidCreate, ApiError> {
+        let template = self.template.unwrap_or_else(|| "base".into());
+        if !torpor_image::TEMPLATES.contains(&template.as_str()) {
+            return Err(ApiError::not_found(format!(
+                "unknown template {template:?}; available: {}",
+                torpor_image::TEMPLATES.join(", ")
+            )));
+        }
+        let vcpus = self.vcpus.unwrap_or(cfg.default_vcpus);
+        if vcpus == 0 || vcpus > cfg.max_vcpus {
+            return Err(ApiError::invalid(format!("vcpus must be between 1 and {}, got {vcpus}", cfg.max_vcpus)));
+        }
+        let memory_mib = self.memory_mib.unwrap_or(cfg.default_memory_mib);
+        if !(cfg.min_memory_mib..=cfg.max_memory_mib).contains(&memory_mib) {
+            return Err(ApiError::invalid(format!(
+                "memory_mib must be between {} and {}, got {memory_mib}",
+                cfg.min_memory_mib, cfg.max_memory_mib
+            )));
+        }
+        for key in self.env.keys() {
+            validate_env_name(key)?;
+        }
+        Ok(ValidCreate { template, vcpus, memory_mib, env: self.env })
+    }
+}
+
+pub fn validate_env_name(key: &str) -> Result<(), ApiError> {
+    let ok = !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!("invalid environment variable name {key:?}: use letters, digits and _")))
+    }
+}
+
+/// Guest paths must be absolute: there is no working directory to be relative to.
+pub fn validate_guest_path(path: &str) -> Result<(), ApiError> {
+    if path.is_empty() {
+        return Err(ApiError::invalid("guest path must not be empty"));
+    }
+    if !path.starts_with('/') {
+        return Err(ApiError::invalid(format!("guest path must be absolute, got {path:?}")));
+    }
+    if path.contains('\0') {
+        return Err(ApiError::invalid("guest path must not contain NUL"));
+    }
+    Ok(())
+}
+
+const ID_ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+pub const ID_PREFIX: &str = "sb-";
+
+/// `sb-` and 10 characters from an unambiguous alphabet (50 bits of randomness).
+pub fn new_sandbox_id() -> String {
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..10).map(|_| ID_ALPHABET[rng.gen_range(0..ID_ALPHABET.len())] as char).collect();
+    format!("{ID_PREFIX}{suffix}")
+}
+
+pub fn is_valid_sandbox_id(id: &str) -> bool {
+    id.strip_prefix(ID_PREFIX)
+        .is_some_and(|s| s.len() == 10 && s.bytes().all(|b| ID_ALPHABET.contains(&b)))
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; no shell is involved unless you name one.
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the user's home if omitted.
+    pub cwd: Option<String>,
+    /// User name or uid; root if omitted.
+    pub user: Option<String>,
+    /// Base64 data written to the process's stdin before it is closed (POST /exec only).
+    pub stdin: Option<String>,
+    /// Kill the process (and its process group) after this many seconds.
+    pub timeout_secs: Option<f64>,
+}
+
+impl ExecRequest {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(ApiError::invalid("argv must name a program"));
+        }
+        for key in self.env.keys() {
+            validate_env_name(key)?;
+        }
+        if let Some(cwd) = &self.cwd {
+            validate_guest_path(cwd)?;
+        }
+        if let Some(t) = self.timeout_secs {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err(ApiError::invalid("timeout_secs must be a positive number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line of an exec's output stream (NDJSON on POST, a text frame on the WebSocket).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Started { exec_id: String, pid: u32 },
+    /// Base64 bytes.
+    Stdout { data: String },
+    /// Base64 bytes.
+    Stderr { data: String },
+    Exit { code: Option<i32>, signal: Option<i32>, timed_out: bool },
+    Error { message: String },
+}
+
+/// What a WebSocket client may send after its first (ExecRequest) message.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecClientMessage {
+    Stdin { data: String },
+    StdinEof,
+    Signal { signal: i32 },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct SignalRequest {
+    pub signal: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_valid_and_distinct() {
+        let a = new_sandbox_id();
+        let b = new_sandbox_id();
+        assert!(is_valid_sandbox_id(&a), "{a}");
+        assert_ne!(a, b);
+        assert!(!is_valid_sandbox_id("sb-short"));
+        assert!(!is_valid_sandbox_id("../../etc/pa"));
+        assert!(!is_valid_sandbox_id("sb-ABCDEFGHJK"));
+    }
+
+    #[test]
+    fn create_fills_defaults_and_checks_ranges() {
+        let cfg = Config::default();
+        let v = CreateSandbox::default().validate(&cfg).unwrap();
+        assert_eq!((v.template.as_str(), v.vcpus, v.memory_mib), ("base", 1, 512));
+        let bad = |req: CreateSandbox| req.validate(&cfg).unwrap_err();
+        assert_eq!(bad(CreateSandbox { vcpus: Some(0), ..Default::default() }).status.as_u16(), 400);
+        assert_eq!(bad(CreateSandbox { vcpus: Some(99), ..Default::default() }).status.as_u16(), 400);
+        assert_eq!(bad(CreateSandbox { memory_mib: Some(1), ..Default::default() }).status.as_u16(), 400);
+        assert_eq!(bad(CreateSandbox { template: Some("nope".into()), ..Default::default() }).status.as_u16(), 404);
+        let env = BTreeMap::from([("1BAD".to_string(), "x".to_string())]);
+        assert_eq!(bad(CreateSandbox { env, ..Default::default() }).status.as_u16(), 400);
+    }
+
+    #[test]
+    fn guest_paths_must_be_absolute() {
+        assert!(validate_guest_path("").is_err());
+        assert!(validate_guest_path("tmp/x").is_err());
+        assert!(validate_guest_path("/tmp/x").is_ok());
+    }
+
+    #[test]
+    fn exec_event_json_is_stable() {
+        let e = ExecEvent::Exit { code: Some(3), signal: None, timed_out: false };
+        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"type":"exit","code":3,"signal":null,"timed_out":false}"#);
+    }
+
+    #[test]
+    fn exec_request_validation() {
+        assert!(ExecRequest::default().validate().is_err());
+        let ok = ExecRequest { argv: vec!["true".into()], ..Default::default() };
+        assert!(ok.validate().is_ok());
+        let bad = ExecRequest { timeout_secs: Some(-1.0), ..ok.clone() };
+        assert!(bad.validate().is_err());
+        let bad = ExecRequest { cwd: Some("rel".into()), ..ok };
+        assert!(bad.validate().is_err());
+    }
+}

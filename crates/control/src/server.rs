@@ -1,0 +1,75 @@
+//! `torpor server`: open the store, pick the engine, reconcile, serve.
+
+use std::sync::Arc;
+
+use torpor_engine::{choose_accel, Engine, HostVirt};
+
+use crate::api::{router, AppState};
+use crate::config::Config;
+use crate::manager::{create_private_dir, Manager};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("this daemon needs root (network namespaces, tap devices, nftables); run it with sudo")]
+    NotRoot,
+    #[error("{0}")]
+    Setup(String),
+    #[error("opening the store")]
+    Store(#[from] crate::store::StoreError),
+    #[error("binding {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving the API")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Runs the daemon until `shutdown` resolves. Sandboxes keep running after it returns.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(ServerError::NotRoot);
+    }
+    create_private_dir(&cfg.data_dir).map_err(|e| ServerError::Setup(e.message))?;
+    create_private_dir(&cfg.sandboxes_dir()).map_err(|e| ServerError::Setup(e.message))?;
+    let api_key = crate::files::load_or_create_api_key(&cfg.data_dir)
+        .map_err(|e| ServerError::Setup(format!("API key in {}: {e}", cfg.data_dir.display())))?;
+    let store = Store::open(&cfg.data_dir.join("torpor.db")).await?;
+
+    let engine: Result<Arc<dyn Engine>, String> = choose_accel(cfg.accel, HostVirt::probe())
+        .and_then(|choice| {
+            if let Some(warning) = &choice.warning {
+                tracing::warn!("{warning}");
+            }
+            torpor_engine::qemu::QemuEngine::new(&cfg.qemu, choice.accel)
+        })
+        .map(|e| Arc::new(e) as Arc<dyn Engine>)
+        .map_err(|e| e.to_string());
+    if let Err(e) = &engine {
+        tracing::error!("sandboxes cannot start: {e}");
+    }
+    if let Err(e) = torpor_image::ImageStore::new(&cfg.image_dir).current("base") {
+        tracing::error!("sandboxes cannot start: {e}");
+    }
+
+    let listen = cfg.listen;
+    let cfg = Arc::new(cfg);
+    let manager = Manager::new(cfg.clone(), store, engine).map_err(|e| ServerError::Setup(e.message))?;
+    let report = manager.reconcile().await.map_err(|e| ServerError::Setup(e.message))?;
+    tracing::info!(
+        adopted = report.adopted.len(),
+        failed = report.failed.len(),
+        orphans_removed = report.orphans.len(),
+        "reconciled the store with the host"
+    );
+    for (id, reason) in &report.failed {
+        tracing::warn!(%id, %reason, "could not adopt sandbox");
+    }
+
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
+    tracing::info!(%listen, data_dir = %cfg.data_dir.display(), "torpor API listening");
+    let app = router(AppState { manager, api_key: Arc::new(api_key) });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)
+}

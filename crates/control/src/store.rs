@@ -1,0 +1,239 @@
+//! Durable sandbox records in SQLite. Every state change is written (and, with WAL and
+//! `synchronous=FULL`, on disk) before the API acknowledges it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::model::State;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening database {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrating database")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("database query failed")]
+    Query(#[from] sqlx::Error),
+    #[error("corrupt record for sandbox {id}: {message}")]
+    Corrupt { id: String, message: String },
+    #[error("no free address slot: all {0} are in use")]
+    PoolExhausted(u32),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub id: String,
+    pub state: State,
+    pub reason: Option<String>,
+    pub template: String,
+    pub image_dir: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub env: BTreeMap<String, String>,
+    pub slot: u32,
+    pub pid: Option<u32>,
+    pub accel: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        sqlx::migrate!("./migrations").run(&pool).await.map_err(StoreError::Migrate)?;
+        Ok(Self { pool })
+    }
+
+    /// Inserts a new record in `creating` state with the lowest free address slot.
+    pub async fn insert(&self, rec: &Record, capacity: u32) -> Result<u32, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let used: Vec<i64> = sqlx::query_scalar("SELECT slot FROM sandboxes ORDER BY slot").fetch_all(&mut *tx).await?;
+        let mut slot = 1u32;
+        for u in used {
+            if u as u32 == slot {
+                slot += 1;
+            } else if u as u32 > slot {
+                break;
+            }
+        }
+        if slot > capacity {
+            return Err(StoreError::PoolExhausted(capacity));
+        }
+        sqlx::query(
+            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&rec.id)
+        .bind(rec.state.as_str())
+        .bind(&rec.reason)
+        .bind(&rec.template)
+        .bind(&rec.image_dir)
+        .bind(rec.vcpus as i64)
+        .bind(rec.memory_mib as i64)
+        .bind(serde_json::to_string(&rec.env).expect("env serialises"))
+        .bind(slot as i64)
+        .bind(rec.pid.map(|p| p as i64))
+        .bind(&rec.accel)
+        .bind(rec.created_at.to_rfc3339())
+        .bind(rec.updated_at.to_rfc3339())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(slot)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query("SELECT * FROM sandboxes WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        row.map(|r| decode(&r)).transpose()
+    }
+
+    pub async fn list(&self) -> Result<Vec<Record>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM sandboxes ORDER BY created_at, id").fetch_all(&self.pool).await?;
+        rows.iter().map(decode).collect()
+    }
+
+    /// Moves `id` to `to` only if it is currently in one of `from`. Returns the state it was in
+    /// (`None` if it does not exist); the move happened iff that state is in `from`.
+    pub async fn transition(
+        &self,
+        id: &str,
+        from: &[State],
+        to: State,
+        reason: Option<&str>,
+    ) -> Result<Option<State>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT state FROM sandboxes WHERE id = ?").bind(id).fetch_optional(&mut *tx).await?;
+        let Some(current) = current else { return Ok(None) };
+        let current = State::parse(&current)
+            .ok_or_else(|| StoreError::Corrupt { id: id.to_owned(), message: format!("unknown state {current:?}") })?;
+        if from.contains(&current) {
+            sqlx::query("UPDATE sandboxes SET state = ?, reason = ?, updated_at = ? WHERE id = ?")
+                .bind(to.as_str())
+                .bind(reason)
+                .bind(Utc::now().to_rfc3339())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(current))
+    }
+
+    pub async fn set_pid(&self, id: &str, pid: Option<u32>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET pid = ?, updated_at = ? WHERE id = ?")
+            .bind(pid.map(|p| p as i64))
+            .bind(Utc::now().to_rfc3339())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sandboxes WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
+    let id: String = row.try_get("id")?;
+    let corrupt = |message: String| StoreError::Corrupt { id: id.clone(), message };
+    let state: String = row.try_get("state")?;
+    let env: String = row.try_get("env")?;
+    let time = |col: &str| -> Result<DateTime<Utc>, StoreError> {
+        let s: String = row.try_get(col)?;
+        DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc)).map_err(|e| corrupt(format!("{col}: {e}")))
+    };
+    Ok(Record {
+        state: State::parse(&state).ok_or_else(|| corrupt(format!("unknown state {state:?}")))?,
+        reason: row.try_get("reason")?,
+        template: row.try_get("template")?,
+        image_dir: row.try_get("image_dir")?,
+        vcpus: row.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
+        env: serde_json::from_str(&env).map_err(|e| corrupt(format!("env: {e}")))?,
+        slot: row.try_get::<i64, _>("slot")? as u32,
+        pid: row.try_get::<Option<i64>, _>("pid")?.map(|p| p as u32),
+        accel: row.try_get("accel")?,
+        created_at: time("created_at")?,
+        updated_at: time("updated_at")?,
+        id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> Record {
+        Record {
+            id: id.into(),
+            state: State::Creating,
+            reason: None,
+            template: "base".into(),
+            image_dir: "/img".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            slot: 0,
+            pid: None,
+            accel: "tcg".into(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_slots_and_transitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(store.insert(&record("a"), 3).await.unwrap(), 1);
+        assert_eq!(store.insert(&record("b"), 3).await.unwrap(), 2);
+        store.delete("a").await.unwrap();
+        // The freed slot is reused.
+        assert_eq!(store.insert(&record("c"), 3).await.unwrap(), 1);
+        assert_eq!(store.insert(&record("d"), 3).await.unwrap(), 3);
+        assert!(matches!(store.insert(&record("e"), 3).await, Err(StoreError::PoolExhausted(3))));
+
+        assert_eq!(store.transition("b", &[State::Creating], State::Running, None).await.unwrap(), Some(State::Creating));
+        // Not allowed from `running`: state stays.
+        assert_eq!(store.transition("b", &[State::Stopped], State::Running, None).await.unwrap(), Some(State::Running));
+        store.transition("b", &[State::Running], State::Failed, Some("boom")).await.unwrap();
+        store.set_pid("b", Some(42)).await.unwrap();
+        drop(store);
+
+        // Durable across reopen.
+        let store = Store::open(&path).await.unwrap();
+        let b = store.get("b").await.unwrap().unwrap();
+        assert_eq!((b.state, b.reason.as_deref(), b.pid), (State::Failed, Some("boom"), Some(42)));
+        assert_eq!(b.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(store.list().await.unwrap().len(), 3);
+        assert_eq!(store.transition("zz", &[State::Running], State::Stopped, None).await.unwrap(), None);
+    }
+}

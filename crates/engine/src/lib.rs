@@ -1,0 +1,106 @@
+//! The microVM engine. Everything backend-specific (QEMU command lines, QMP, process handling)
+//! stays behind [`Engine`] and [`Vm`]; the control plane only sees [`VmSpec`] and [`VmExit`], so a
+//! Firecracker backend can slot in later without touching it.
+
+mod accel;
+mod process;
+pub mod qemu;
+
+pub use accel::{choose as choose_accel, Accel, AccelChoice, AccelPreference, HostVirt};
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{binary} was not found; run `apt-get install {package}`")]
+    MissingBinary { binary: String, package: &'static str },
+    #[error("accelerator {0} was requested but /dev/kvm is not usable on this host")]
+    KvmUnavailable(String),
+    #[error("creating the sandbox disk failed: {0}")]
+    Disk(String),
+    #[error("starting the VM process failed")]
+    Spawn(#[source] std::io::Error),
+    #[error("the VM process exited during start-up: {0}")]
+    EarlyExit(String),
+    #[error("VM control socket: {0}")]
+    Qmp(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("process {pid} is not the VM of sandbox {id}")]
+    NotOurs { pid: u32, id: String },
+}
+
+/// Everything needed to boot one sandbox. Paths are absolute; `run_dir` belongs to this sandbox.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Read-only base disk; the sandbox writes to a copy-on-write layer over it.
+    pub base_disk: PathBuf,
+    pub run_dir: PathBuf,
+    /// Network namespace the VM process runs in, and the tap device it opens there.
+    pub netns_path: PathBuf,
+    pub tap: String,
+    pub mac: String,
+    /// File holding the sandbox secret, handed to the guest out of band.
+    pub secret_file: PathBuf,
+    /// Appended to the kernel command line (debugging, fault injection).
+    pub kernel_args_extra: String,
+}
+
+impl VmSpec {
+    pub fn disk(&self) -> PathBuf {
+        self.run_dir.join("disk.qcow2")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+}
+
+/// Why a VM process is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    pub description: String,
+}
+
+#[async_trait]
+pub trait Engine: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn accel(&self) -> Accel;
+    /// Creates the sandbox's copy-on-write disk unless it exists already.
+    async fn prepare_disk(&self, spec: &VmSpec) -> Result<(), EngineError>;
+    /// Starts the VM. Returns once the VMM answers on its control socket.
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
+    /// Takes over a VM started by an earlier daemon, after checking `pid` really is it.
+    async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, EngineError>;
+    /// Kills a VM process an earlier daemon left behind, if `pid` really is this sandbox's VM.
+    /// Returns whether it killed something.
+    async fn kill_stale(&self, id: &str, pid: u32) -> bool;
+}
+
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn pid(&self) -> u32;
+    /// Resolves when the VM process is gone, for whatever reason.
+    async fn wait_exit(&self) -> VmExit;
+    /// Asks the VMM to exit now (the guest gets no warning), then kills it if it lingers.
+    async fn terminate(&self);
+    /// Resident memory of the VMM process, in bytes.
+    fn rss_bytes(&self) -> Option<u64>;
+}
+
+/// The last `lines` lines of a console log, for error messages.
+pub fn console_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,86 @@
+//! Watching a VM process: our own child (exit status known) or one adopted from an earlier daemon
+//! (watched through a pidfd, since only its parent could learn its status).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::VmExit;
+
+#[derive(Clone)]
+pub struct ExitWatch {
+    rx: watch::Receiver<Option<VmExit>>,
+}
+
+impl ExitWatch {
+    pub fn child(mut child: tokio::process::Child) -> Self {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let description = match child.wait().await {
+                Ok(status) => describe(status),
+                Err(e) => format!("lost track of the VM process: {e}"),
+            };
+            let _ = tx.send(Some(VmExit { description }));
+        });
+        Self { rx }
+    }
+
+    pub fn pid(pid: u32) -> std::io::Result<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: we own the descriptor and it stays open for as long as the AsyncFd lives.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let _ = fd.readable().await;
+            let _ = tx.send(Some(VmExit { description: format!("the VM process (pid {pid}) exited") }));
+        });
+        Ok(Self { rx })
+    }
+
+    pub async fn wait(&self) -> VmExit {
+        let mut rx = self.rx.clone();
+        loop {
+            if let Some(exit) = rx.borrow_and_update().clone() {
+                return exit;
+            }
+            if rx.changed().await.is_err() {
+                return VmExit { description: "the VM watcher stopped".into() };
+            }
+        }
+    }
+
+    pub fn exited(&self) -> bool {
+        self.rx.borrow().is_some()
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => "the VM process exited".into(),
+        (Some(code), _) => format!("the VM process exited with status {code}"),
+        (None, Some(sig)) => format!(
+            "the VM process was killed by signal {sig} ({})",
+            nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown")
+        ),
+        _ => "the VM process ended".into(),
+    }
+}
+
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+}

@@ -1,0 +1,130 @@
+//! The QEMU command line for one sandbox. Pure, so it is unit-tested.
+
+use torpor_proto::SECRET_FW_CFG_NAME;
+
+use crate::{Accel, VmSpec};
+
+/// `-name` value; reconciliation recognises a sandbox's VM process by it.
+pub fn process_name(id: &str) -> String {
+    format!("torpor-{id}")
+}
+
+pub fn qmp_socket(spec: &VmSpec) -> std::path::PathBuf {
+    spec.run_dir.join("qmp.sock")
+}
+
+pub fn kernel_cmdline(spec: &VmSpec) -> String {
+    // panic=-1 with -no-reboot: a guest that panics ends its VM process instead of hanging.
+    let mut args = format!(
+        "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4 random.trust_cpu=on torpor.id={}",
+        spec.id
+    );
+    if !spec.kernel_args_extra.trim().is_empty() {
+        args.push(' ');
+        args.push_str(spec.kernel_args_extra.trim());
+    }
+    args
+}
+
+pub fn args(spec: &VmSpec, accel: Accel) -> Vec<String> {
+    let p = |path: &std::path::Path| path.display().to_string();
+    let cpu = match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    };
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        process_name(&spec.id),
+        "-machine".into(),
+        "microvm".into(),
+        "-accel".into(),
+        accel.to_string(),
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-m".into(),
+        format!("{}M", spec.memory_mib),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        p(&spec.kernel),
+        "-initrd".into(),
+        p(&spec.initrd),
+        "-append".into(),
+        kernel_cmdline(spec),
+        "-chardev".into(),
+        format!("file,id=console,path={}", p(&spec.console_log())),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-drive".into(),
+        format!("id=root,file={},format=qcow2,if=none,discard=unmap", p(&spec.disk())),
+        "-device".into(),
+        "virtio-blk-device,drive=root".into(),
+        "-netdev".into(),
+        format!("tap,id=net0,ifname={},script=no,downscript=no", spec.tap),
+        "-device".into(),
+        format!("virtio-net-device,netdev=net0,mac={}", spec.mac),
+        "-fw_cfg".into(),
+        format!("name={SECRET_FW_CFG_NAME},file={}", p(&spec.secret_file)),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", p(&qmp_socket(spec))),
+    ];
+    args.shrink_to_fit();
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "sb-abc".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.img".into(),
+            base_disk: "/img/rootfs.ext4".into(),
+            run_dir: PathBuf::from("/data/sandboxes/sb-abc"),
+            netns_path: "/run/netns/torpor-sb-abc".into(),
+            tap: "tap0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            secret_file: "/data/sandboxes/sb-abc/secret".into(),
+            kernel_args_extra: String::new(),
+        }
+    }
+
+    fn value_after(args: &[String], flag: &str) -> String {
+        let i = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} missing"));
+        args[i + 1].clone()
+    }
+
+    #[test]
+    fn sizes_and_accelerator_follow_the_spec() {
+        let args = args(&spec(), Accel::Tcg);
+        assert_eq!(value_after(&args, "-smp"), "2");
+        assert_eq!(value_after(&args, "-m"), "512M");
+        assert_eq!(value_after(&args, "-accel"), "tcg");
+        assert_eq!(value_after(&args, "-cpu"), "max");
+        assert_eq!(value_after(&args, "-name"), "torpor-sb-abc");
+        assert_eq!(value_after(&super::args(&spec(), Accel::Kvm), "-cpu"), "host");
+    }
+
+    #[test]
+    fn secret_travels_by_fw_cfg_not_the_command_line() {
+        let args = args(&spec(), Accel::Tcg);
+        assert!(value_after(&args, "-fw_cfg").starts_with("name=opt/torpor/secret,file=/data/"));
+        assert!(!value_after(&args, "-append").contains("secret"));
+    }
+
+    #[test]
+    fn extra_kernel_args_are_appended() {
+        let mut s = spec();
+        s.kernel_args_extra = " torpor.init=/bin/sh ".into();
+        assert!(kernel_cmdline(&s).ends_with("torpor.id=sb-abc torpor.init=/bin/sh"));
+    }
+}

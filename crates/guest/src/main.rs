@@ -1,0 +1,113 @@
+//! `torpor-guest`: the supervisor inside every Torpor sandbox.
+//!
+//! As PID 1 (the normal case) it prepares the machine, then serves the gRPC control API on
+//! `0.0.0.0:50051`. `torpor-guest serve --listen ADDR --secret-file FILE` runs only the API, for
+//! debugging the supervisor on a workstation.
+
+mod exec;
+mod files;
+mod info;
+mod init;
+mod reaper;
+mod service;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, RwLock};
+use torpor_proto::supervisor::supervisor_server::SupervisorServer;
+use torpor_proto::SUPERVISOR_PORT;
+
+fn main() {
+    let is_init = std::process::id() == 1;
+    tracing_subscriber::fmt().with_target(false).without_time().init();
+    if let Err(e) = run(is_init) {
+        eprintln!("torpor-guest: {e:#}");
+        if is_init {
+            // PID 1 must not exit; the host sees the failure in the console log and health checks.
+            init::power_off();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(is_init: bool) -> Result<()> {
+    let (listen, secret) = if is_init {
+        init::mount_filesystems()?;
+        let id = init::cmdline_param("torpor.id").unwrap_or_else(|| "torpor".to_owned());
+        init::set_hostname(&id)?;
+        init::configure_network()?;
+        let listen = SocketAddr::from(([0, 0, 0, 0], SUPERVISOR_PORT));
+        (listen, init::read_secret()?)
+    } else {
+        parse_serve_args()?
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let power_off = runtime.block_on(serve(listen, secret, is_init))?;
+    drop(runtime);
+    if power_off {
+        init::power_off();
+    }
+    Ok(())
+}
+
+fn parse_serve_args() -> Result<(SocketAddr, String)> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: torpor-guest serve --listen ADDR --secret-file FILE (PID 1 needs no arguments)";
+    if args.first().map(String::as_str) != Some("serve") {
+        bail!("{usage}");
+    }
+    let mut listen = None;
+    let mut secret_file = None;
+    let mut it = args[1..].iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--listen" => listen = it.next().map(|v| v.parse()).transpose().context("--listen")?,
+            "--secret-file" => secret_file = it.next().cloned(),
+            "-h" | "--help" => {
+                println!("{usage}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; {usage}"),
+        }
+    }
+    let (Some(listen), Some(secret_file)) = (listen, secret_file) else { bail!("{usage}") };
+    let secret = std::fs::read_to_string(&secret_file).with_context(|| format!("reading {secret_file}"))?;
+    Ok((listen, secret.trim().to_owned()))
+}
+
+/// Serves until asked to shut down; returns whether the machine should power off.
+async fn serve(listen: SocketAddr, secret: String, is_init: bool) -> Result<bool> {
+    let reaper = reaper::Reaper::start().context("installing the SIGCHLD handler")?;
+    let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
+    let service = service::Service {
+        reaper,
+        running: exec::Running::default(),
+        default_env: Arc::new(RwLock::new(HashMap::new())),
+        shutdown: shutdown_tx,
+    };
+    let mut sigterm = signal(SignalKind::terminate())?;
+    // Ctrl-Alt-Del (and QEMU's `system_powerdown` on some machines) arrives at PID 1 as SIGINT.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_rx.recv() => {}
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    tracing::info!(%listen, "torpor-guest {} serving", torpor_proto::VERSION);
+    tonic::transport::Server::builder()
+        .add_service(SupervisorServer::with_interceptor(service, service::authenticator(secret)))
+        .serve_with_shutdown(listen, shutdown)
+        .await
+        .context("serving the supervisor API")?;
+    Ok(is_init)
+}

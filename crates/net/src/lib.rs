@@ -1,0 +1,185 @@
+//! Each sandbox gets its own network namespace holding the guest's tap device and one end of a
+//! veth pair; the other end sits on the host with a unique /30. The host reaches the guest's
+//! supervisor at the namespace's veth address, which nftables inside the namespace forwards (DNAT)
+//! to the fixed guest address. Everything else is dropped: a sandbox has no outbound network until
+//! an egress policy grants it, and cannot reach the host or another sandbox.
+//!
+//! Because every rule lives in the sandbox's own namespace, deleting the namespace removes all of
+//! it at once: nothing is left in the host's tables.
+
+mod addr;
+mod cmd;
+
+pub use addr::{AddressPool, PoolError};
+
+use std::net::Ipv4Addr;
+
+use cmd::{ip, ip_in_ns, run_in_ns};
+use torpor_proto::{GUEST_GATEWAY, GUEST_IP, GUEST_PREFIX_LEN, SUPERVISOR_PORT};
+
+/// Name of the tap device inside every sandbox namespace.
+pub const TAP: &str = "tap0";
+const NS_VETH: &str = "veth0";
+/// Prefix of every namespace Torpor creates; reconciliation looks for it.
+pub const NETNS_PREFIX: &str = "torpor-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{command} failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("cannot run {command}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+}
+
+/// Everything that names one sandbox's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxNet {
+    pub netns: String,
+    pub host_veth: String,
+    pub host_ip: Ipv4Addr,
+    /// The address the host uses to reach the guest supervisor (NATed to the guest).
+    pub guest_access_ip: Ipv4Addr,
+}
+
+impl SandboxNet {
+    /// `id_suffix` must be unique among live sandboxes and at most 13 characters, so the veth name
+    /// fits the kernel's 15-character limit.
+    pub fn new(id_suffix: &str, host_ip: Ipv4Addr, guest_access_ip: Ipv4Addr) -> Self {
+        Self {
+            netns: format!("{NETNS_PREFIX}{id_suffix}"),
+            host_veth: format!("tv{}", &id_suffix[..id_suffix.len().min(13)]),
+            host_ip,
+            guest_access_ip,
+        }
+    }
+
+    pub fn supervisor_addr(&self) -> std::net::SocketAddr {
+        (self.guest_access_ip, SUPERVISOR_PORT).into()
+    }
+
+    /// Creates the namespace, links and rules. On failure everything created is removed again.
+    pub async fn setup(&self) -> Result<(), NetError> {
+        let result = self.try_setup().await;
+        if result.is_err() {
+            let _ = self.teardown().await;
+        }
+        result
+    }
+
+    async fn try_setup(&self) -> Result<(), NetError> {
+        let ns = self.netns.as_str();
+        ip(&["netns", "add", ns]).await?;
+        ip(&["link", "add", &self.host_veth, "type", "veth", "peer", "name", NS_VETH, "netns", ns]).await?;
+        ip(&["addr", "add", &format!("{}/30", self.host_ip), "dev", &self.host_veth]).await?;
+        ip(&["link", "set", &self.host_veth, "up"]).await?;
+        ip_in_ns(ns, &["link", "set", "lo", "up"]).await?;
+        ip_in_ns(ns, &["addr", "add", &format!("{}/30", self.guest_access_ip), "dev", NS_VETH]).await?;
+        ip_in_ns(ns, &["link", "set", NS_VETH, "up"]).await?;
+        ip_in_ns(ns, &["tuntap", "add", "dev", TAP, "mode", "tap"]).await?;
+        ip_in_ns(ns, &["addr", "add", &format!("{GUEST_GATEWAY}/{GUEST_PREFIX_LEN}"), "dev", TAP]).await?;
+        ip_in_ns(ns, &["link", "set", TAP, "up"]).await?;
+        run_in_ns(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1"], None).await?;
+        run_in_ns(ns, "nft", &["-f", "-"], Some(self.ruleset())).await?;
+        Ok(())
+    }
+
+    /// The namespace's whole firewall. Only new connections from the host to the supervisor port
+    /// are let in; nothing may start from the guest.
+    pub fn ruleset(&self) -> String {
+        format!(
+            r#"flush ruleset
+table ip torpor_nat {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "{NS_VETH}" ip daddr {access} tcp dport {SUPERVISOR_PORT} dnat to {GUEST_IP}:{SUPERVISOR_PORT}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "{TAP}" masquerade
+  }}
+}}
+table inet torpor_filter {{
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname "{NS_VETH}" oifname "{TAP}" ip daddr {GUEST_IP} tcp dport {SUPERVISOR_PORT} ct state new accept
+  }}
+  chain input {{
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    iifname "lo" accept
+  }}
+}}
+"#,
+            access = self.guest_access_ip
+        )
+    }
+
+    /// Removes the namespace (and with it the tap, the veth pair and every rule). Idempotent.
+    pub async fn teardown(&self) -> Result<(), NetError> {
+        if netns_exists(&self.netns) {
+            ip(&["netns", "del", &self.netns]).await?;
+        }
+        // The host end normally vanishes with its peer; remove it ourselves if setup died halfway.
+        if link_exists(&self.host_veth) {
+            let _ = ip(&["link", "del", &self.host_veth]).await;
+        }
+        Ok(())
+    }
+
+    pub fn exists(&self) -> bool {
+        netns_exists(&self.netns) && link_exists(&self.host_veth)
+    }
+}
+
+pub fn netns_exists(name: &str) -> bool {
+    std::path::Path::new("/run/netns").join(name).exists()
+}
+
+pub fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Network namespaces that carry Torpor's prefix.
+pub fn list_netns() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|n| n.starts_with(NETNS_PREFIX))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Path of a namespace handle, for a process that must enter it (`setns`).
+pub fn netns_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new("/run/netns").join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_kernel_limits() {
+        let net = SandboxNet::new("sb-abcdefghijkl", Ipv4Addr::new(10, 240, 0, 5), Ipv4Addr::new(10, 240, 0, 6));
+        assert!(net.host_veth.len() <= 15, "{}", net.host_veth);
+        assert_eq!(net.netns, "torpor-sb-abcdefghijkl");
+    }
+
+    #[test]
+    fn ruleset_forwards_only_the_supervisor_port() {
+        let net = SandboxNet::new("x", Ipv4Addr::new(10, 240, 0, 5), Ipv4Addr::new(10, 240, 0, 6));
+        let rules = net.ruleset();
+        assert!(rules.contains("dnat to 192.168.240.2:50051"));
+        assert!(rules.contains("ip daddr 10.240.0.6 tcp dport 50051"));
+        assert_eq!(rules.matches("policy drop").count(), 2);
+    }
+}
