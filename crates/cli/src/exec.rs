@@ -19,16 +19,23 @@ use crate::client::Client;
 const TORPOR_FAILURE: u8 = 125;
 
 pub async fn interactive(client: &Client, id: &str, req: &ExecRequest) -> Result<ExitCode> {
-    // Ask over plain HTTP first so a missing or stopped sandbox gets the API's clear error.
-    client.sandbox(id).await?;
     let ws_url = format!("{}/v1/sandboxes/{id}/exec/ws", client.base.replacen("http", "ws", 1));
     let mut request = ws_url.into_client_request().context("building the WebSocket request")?;
     request
         .headers_mut()
         .insert("authorization", format!("Bearer {}", client.api_key).parse().context("API key is not valid ASCII")?);
-    let (ws, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .map_err(|e| anyhow!("opening the exec session: {e}"))?;
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| match e {
+        // The API refused the upgrade: show its explanation, not just the status line.
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| body.into_owned());
+            anyhow!("{message} ({})", resp.status().as_u16())
+        }
+        other => anyhow!("opening the exec session: {other}"),
+    })?;
     let (mut sink, mut stream) = ws.split();
     sink.send(Message::Text(serde_json::to_string(req)?.into())).await?;
 

@@ -93,7 +93,14 @@ impl IntoResponse for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        tracing::error!(error = %e, "store error");
-        ApiError::internal(format!("store: {e}"))
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        tracing::error!(error = %message, "store error");
+        ApiError::internal(format!("store: {message}"))
     }
 }

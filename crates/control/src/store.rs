@@ -49,6 +49,9 @@ pub struct Record {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Read-then-write transactions take this first: two deferred SQLite transactions that both
+    /// upgrade to writers would otherwise fail with SQLITE_BUSY instead of waiting.
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -65,11 +68,12 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(StoreError::Migrate)?;
-        Ok(Self { pool })
+        Ok(Self { pool, writer: Default::default() })
     }
 
     /// Inserts a new record in `creating` state with the lowest free address slot.
     pub async fn insert(&self, rec: &Record, capacity: u32) -> Result<u32, StoreError> {
+        let _writer = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         let used: Vec<i64> = sqlx::query_scalar("SELECT slot FROM sandboxes ORDER BY slot").fetch_all(&mut *tx).await?;
         let mut slot = 1u32;
@@ -125,6 +129,7 @@ impl Store {
         to: State,
         reason: Option<&str>,
     ) -> Result<Option<State>, StoreError> {
+        let _writer = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         let current: Option<String> =
             sqlx::query_scalar("SELECT state FROM sandboxes WHERE id = ?").bind(id).fetch_optional(&mut *tx).await?;

@@ -4,6 +4,7 @@
 
 mod accel;
 mod process;
+mod tsc;
 pub mod qemu;
 
 pub use accel::{choose as choose_accel, Accel, AccelChoice, AccelPreference, HostVirt};

@@ -23,7 +23,7 @@ use torpor_proto::SUPERVISOR_PORT;
 
 fn main() {
     let is_init = std::process::id() == 1;
-    tracing_subscriber::fmt().with_target(false).without_time().init();
+    tracing_subscriber::fmt().with_target(false).without_time().with_ansi(false).init();
     if let Err(e) = run(is_init) {
         eprintln!("torpor-guest: {e:#}");
         if is_init {

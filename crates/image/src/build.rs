@@ -247,9 +247,10 @@ fn build_kernel(out_dir: &Path, package: &str) -> Result<(), ImageError> {
 }
 
 fn build_rootfs(out: &Path, opts: &BuildOptions, progress: &dyn Progress) -> Result<(), ImageError> {
-    let tmp = out.with_extension("tar.partial");
+    let tmp = out.with_extension("partial.tar");
+    let _ = std::fs::remove_dir_all(&tmp);
     let mut child = Command::new("mmdebstrap")
-        .args(["--variant=minbase", "--components=main", "--verbose"])
+        .args(["--variant=minbase", "--format=tar", "--components=main", "--verbose"])
         .arg(format!("--include={}", opts.packages.join(",")))
         .arg(&opts.suite)
         .arg(&tmp)

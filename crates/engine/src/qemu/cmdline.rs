@@ -13,12 +13,17 @@ pub fn qmp_socket(spec: &VmSpec) -> std::path::PathBuf {
     spec.run_dir.join("qmp.sock")
 }
 
-pub fn kernel_cmdline(spec: &VmSpec) -> String {
+/// `tsc_khz` is the host TSC frequency, given to TCG guests: they otherwise calibrate against the
+/// emulated PIT, which fails when the host is busy, and then hang without a clocksource.
+pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
     // panic=-1 with -no-reboot: a guest that panics ends its VM process instead of hanging.
     let mut args = format!(
         "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4 random.trust_cpu=on torpor.id={}",
         spec.id
     );
+    if let Some(khz) = tsc_khz {
+        args.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+    }
     if !spec.kernel_args_extra.trim().is_empty() {
         args.push(' ');
         args.push_str(spec.kernel_args_extra.trim());
@@ -26,7 +31,7 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     args
 }
 
-pub fn args(spec: &VmSpec, accel: Accel) -> Vec<String> {
+pub fn args(spec: &VmSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
     let p = |path: &std::path::Path| path.display().to_string();
     let cpu = match accel {
         Accel::Kvm => "host",
@@ -54,7 +59,7 @@ pub fn args(spec: &VmSpec, accel: Accel) -> Vec<String> {
         "-initrd".into(),
         p(&spec.initrd),
         "-append".into(),
-        kernel_cmdline(spec),
+        kernel_cmdline(spec, tsc_khz),
         "-chardev".into(),
         format!("file,id=console,path={}", p(&spec.console_log())),
         "-serial".into(),
@@ -105,18 +110,18 @@ mod tests {
 
     #[test]
     fn sizes_and_accelerator_follow_the_spec() {
-        let args = args(&spec(), Accel::Tcg);
+        let args = args(&spec(), Accel::Tcg, None);
         assert_eq!(value_after(&args, "-smp"), "2");
         assert_eq!(value_after(&args, "-m"), "512M");
         assert_eq!(value_after(&args, "-accel"), "tcg");
         assert_eq!(value_after(&args, "-cpu"), "max");
         assert_eq!(value_after(&args, "-name"), "torpor-sb-abc");
-        assert_eq!(value_after(&super::args(&spec(), Accel::Kvm), "-cpu"), "host");
+        assert_eq!(value_after(&super::args(&spec(), Accel::Kvm, None), "-cpu"), "host");
     }
 
     #[test]
     fn secret_travels_by_fw_cfg_not_the_command_line() {
-        let args = args(&spec(), Accel::Tcg);
+        let args = args(&spec(), Accel::Tcg, None);
         assert!(value_after(&args, "-fw_cfg").starts_with("name=opt/torpor/secret,file=/data/"));
         assert!(!value_after(&args, "-append").contains("secret"));
     }
@@ -125,6 +130,7 @@ mod tests {
     fn extra_kernel_args_are_appended() {
         let mut s = spec();
         s.kernel_args_extra = " torpor.init=/bin/sh ".into();
-        assert!(kernel_cmdline(&s).ends_with("torpor.id=sb-abc torpor.init=/bin/sh"));
+        assert!(kernel_cmdline(&s, None).ends_with("torpor.id=sb-abc torpor.init=/bin/sh"));
+        assert!(kernel_cmdline(&s, Some(2_596_000)).contains(" tsc_early_khz=2596000 tsc=reliable "));
     }
 }

@@ -24,6 +24,8 @@ const QUIT_GRACE: Duration = Duration::from_secs(5);
 pub struct QemuEngine {
     binary: PathBuf,
     accel: Accel,
+    /// Host TSC frequency, measured once, for TCG guests (see `cmdline::kernel_cmdline`).
+    tsc_khz: Option<u64>,
 }
 
 impl QemuEngine {
@@ -32,7 +34,11 @@ impl QemuEngine {
         let missing = || EngineError::MissingBinary { binary: binary.to_owned(), package: "qemu-system-x86" };
         let path = which(binary).ok_or_else(missing)?;
         which("qemu-img").ok_or(EngineError::MissingBinary { binary: "qemu-img".into(), package: "qemu-utils" })?;
-        Ok(Self { binary: path, accel })
+        let tsc_khz = match accel {
+            Accel::Tcg => crate::tsc::host_tsc_khz(),
+            Accel::Kvm => None,
+        };
+        Ok(Self { binary: path, accel, tsc_khz })
     }
 }
 
@@ -93,7 +99,7 @@ impl Engine for QemuEngine {
         let netns_fd = netns.as_raw_fd();
 
         let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(cmdline::args(spec, self.accel))
+        cmd.args(cmdline::args(spec, self.accel, self.tsc_khz))
             .current_dir(&spec.run_dir)
             .stdin(Stdio::null())
             .stdout(log)
