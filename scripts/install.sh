@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One command from a fresh Debian 12 machine to a running Torpor daemon:
+# dependencies, a release build, the guest image (skipped when up to date), then `torpor server`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "==> building (release)"
+cargo build --release --workspace --quiet
+install -m 0755 target/release/torpor target/release/torpor-guest /usr/local/bin/
+
+echo "==> guest image"
+torpor image build
+
+echo "==> starting torpor server on 127.0.0.1:7070 (data in ${TORPOR_HOME:-/var/lib/torpor})"
+exec torpor server "$@"
