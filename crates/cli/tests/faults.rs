@@ -53,6 +53,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert!(message(&err).contains("API key"), "{err}");
     }
 
+    // The API describes itself without a key.
+    let doc: Value = client.get(format!("{}/v1/openapi.json", d.url)).send().await.unwrap().json().await.unwrap();
+    assert!(doc["paths"]["/v1/sandboxes"].is_object());
+
     // Unknown ids, including ones that are not ids at all.
     for bad in ["sb-zzzzzzzzzz", "..%2F..%2Fetc", "x"] {
         for (method, path) in [

@@ -55,6 +55,36 @@ async fn debian_sandbox_runs_commands_and_moves_files() {
     assert_eq!(out.len(), expected.len());
     assert!(out == expected, "10 MiB stream corrupted");
 
+    // The guest reports itself.
+    let (status, info) = d.call(Method::GET, &format!("/v1/sandboxes/{id}/info"), None).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert_eq!(info["hostname"], id);
+    assert!(info["kernel"].as_str().unwrap().contains("cloud-amd64"), "{info}");
+    let mem = info["mem_total_bytes"].as_u64().unwrap();
+    assert!(mem > 256 << 20 && mem <= 512 << 20, "guest sees {mem} bytes of memory, asked for 512 MiB");
+
+    // A running exec can be signalled by the id its `started` event carries.
+    let resp = d
+        .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+        .json(&json!({ "argv": ["sleep", "600"] }))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let first = futures::StreamExt::next(&mut stream).await.unwrap().unwrap();
+    let started: serde_json::Value = serde_json::from_slice(first.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(started["type"], "started", "{started}");
+    let exec_id = started["exec_id"].as_str().unwrap();
+    let (status, _) =
+        d.call(Method::POST, &format!("/v1/sandboxes/{id}/execs/{exec_id}/signal"), Some(json!({"signal": 15}))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let mut rest = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains(r#""type":"exit","code":null,"signal":15"#), "{rest}");
+
     // A timeout kills the command and says so.
     let resp = d
         .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))

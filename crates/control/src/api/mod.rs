@@ -30,12 +30,12 @@ pub struct AppState {
 #[openapi(
     info(title = "Torpor API", description = "microVM sandboxes for AI agents"),
     paths(
-        sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::stop, sandboxes::delete,
+        sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::stop, sandboxes::delete, sandboxes::info,
         exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health
     ),
     components(schemas(
         Sandbox, crate::model::State, NetworkInfo, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
-        ErrorDetail, sandboxes::SandboxList, files::Uploaded, Health
+        ErrorDetail, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health
     )),
     modifiers(&BearerAuth)
 )]
@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes", post(sandboxes::create).get(sandboxes::list))
         .route("/v1/sandboxes/{id}", get(sandboxes::get_one).delete(sandboxes::delete))
         .route("/v1/sandboxes/{id}/stop", post(sandboxes::stop))
+        .route("/v1/sandboxes/{id}/info", get(sandboxes::info))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec_post))
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(exec::signal))
@@ -111,4 +112,29 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
 /// Turns axum's JSON rejections into our error shape, keeping their explanation.
 pub(crate) fn json_body<T>(body: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(v)| v).map_err(|e| ApiError::invalid(format!("invalid JSON body: {}", e.body_text())))
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi;
+
+    #[test]
+    fn openapi_documents_every_route() {
+        let doc = serde_json::to_value(super::ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for path in [
+            "/v1/sandboxes",
+            "/v1/sandboxes/{id}",
+            "/v1/sandboxes/{id}/stop",
+            "/v1/sandboxes/{id}/info",
+            "/v1/sandboxes/{id}/exec",
+            "/v1/sandboxes/{id}/exec/ws",
+            "/v1/sandboxes/{id}/execs/{exec_id}/signal",
+            "/v1/sandboxes/{id}/files",
+            "/v1/health",
+        ] {
+            assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
+        }
+        assert!(doc["components"]["schemas"]["Sandbox"]["properties"]["state"].is_object());
+    }
 }

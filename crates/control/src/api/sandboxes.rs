@@ -57,3 +57,31 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Re
     state.manager.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct GuestInfo {
+    pub uptime_secs: f64,
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub kernel: String,
+    pub hostname: String,
+}
+
+/// What the guest itself reports: uptime, memory, root disk, kernel.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/info", params(("id" = String, Path)), responses(
+    (status = 200, body = GuestInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn info(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+    let live = state.manager.running(&id).await?;
+    let i = live.guest.info().await.map_err(ApiError::from_guest)?;
+    Ok(Json(GuestInfo {
+        uptime_secs: i.uptime_secs,
+        mem_total_bytes: i.mem_total_bytes,
+        mem_available_bytes: i.mem_available_bytes,
+        disk_total_bytes: i.disk_total_bytes,
+        disk_free_bytes: i.disk_free_bytes,
+        kernel: i.kernel,
+        hostname: i.hostname,
+    }))
+}

@@ -17,8 +17,9 @@ pub fn qmp_socket(spec: &VmSpec) -> std::path::PathBuf {
 /// emulated PIT, which fails when the host is busy, and then hang without a clocksource.
 pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
     // panic=-1 with -no-reboot: a guest that panics ends its VM process instead of hanging.
+    // pci=off: microvm has no PCI bus; probing for one only costs time and a scary log line.
     let mut args = format!(
-        "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4 random.trust_cpu=on torpor.id={}",
+        "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4 pci=off random.trust_cpu=on torpor.id={}",
         spec.id
     );
     if let Some(khz) = tsc_khz {
