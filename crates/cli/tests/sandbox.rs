@@ -95,10 +95,29 @@ async fn debian_sandbox_runs_commands_and_moves_files() {
     let body = resp.text().await.unwrap();
     assert!(body.contains(r#""signal":9,"timed_out":true"#), "{body}");
 
+    // Files whose size the kernel does not know (procfs says 0) still arrive whole.
+    let resp = d.request(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/proc/cpuinfo")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(String::from_utf8_lossy(&resp.bytes().await.unwrap()).contains("processor"), "empty /proc/cpuinfo");
+    // A directory is not a file name.
+    let resp = d.request(Method::PUT, &format!("/v1/sandboxes/{id}/files?path=/tmp/")).body("x").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    // Stop with an exec still streaming: the guest must still power off cleanly, not be killed.
+    let held = d
+        .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+        .json(&json!({ "argv": ["sleep", "600"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+
     // Stop: clean power-off, nothing running, disk kept; exec then refuses with 409.
     let (status, stopped) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/stop"), None).await;
     assert_eq!(status, StatusCode::OK, "{stopped}");
     assert_eq!(stopped["state"], "stopped");
+    assert!(!d.server_log().contains("did not power off cleanly"), "stop was not clean:\n{}", d.server_log());
+    drop(held);
     assert_nothing_left(&d, id, true);
     let (status, err) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(json!({"argv": ["true"]}))).await;
     assert_eq!(status, StatusCode::CONFLICT, "{err}");
@@ -128,6 +147,13 @@ async fn cli_create_exec_cp_stop_rm() {
     assert_eq!(out.status.code(), Some(42));
     assert_eq!(out.stdout, b"HELLO STDIN");
     assert_eq!(out.stderr, b"b\n");
+
+    // Megabytes through stdin while output flows back: neither direction may stall the other.
+    let input: Vec<u8> = (0..6 << 20).map(|_| rand::random::<u8>()).collect();
+    let out = d.cli(&["sandbox", "exec", &id, "--", "cat"], &input);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(out.stdout == input, "stdin echoed back differently");
 
     // cp both ways, docker-style.
     let dir = tempfile::tempdir().unwrap();

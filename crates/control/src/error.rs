@@ -55,6 +55,7 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             StatusCode::TOO_MANY_REQUESTS => "rate_limited",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            StatusCode::INSUFFICIENT_STORAGE => "guest_storage_full",
             StatusCode::BAD_GATEWAY => "guest_error",
             StatusCode::GATEWAY_TIMEOUT => "timeout",
             _ => "internal",
@@ -70,6 +71,7 @@ impl ApiError {
             Code::PermissionDenied => StatusCode::FORBIDDEN,
             Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::BAD_GATEWAY,
         };
         Self::new(http, format!("guest: {}", status.message()))

@@ -286,6 +286,14 @@ impl Manager {
                 return Err(ApiError::conflict(format!("sandbox {id} is {other}; only a running sandbox can be stopped")))
             }
         }
+        if let Err(e) = self.stop_running(id).await {
+            self.fail_after(id, "stopping", &e).await;
+            return Err(e);
+        }
+        self.get(id).await
+    }
+
+    async fn stop_running(&self, id: &str) -> Result<(), ApiError> {
         if let Some(live) = self.take_live(id) {
             let graceful = live.guest.shutdown(Duration::from_secs(5)).await.is_ok()
                 && tokio::time::timeout(SHUTDOWN_GRACE, live.vm.wait_exit()).await.is_ok();
@@ -295,8 +303,14 @@ impl Manager {
             }
             live.net.teardown().await.map_err(|e| ApiError::internal(e.to_string()))?;
         }
-        self.finish_stop(id).await?;
-        self.get(id).await
+        self.finish_stop(id).await
+    }
+
+    /// A lifecycle operation failed halfway: the sandbox must not stay in a transient state.
+    async fn fail_after(&self, id: &str, what: &str, e: &ApiError) {
+        let reason = format!("{what} failed: {}", e.message);
+        tracing::error!(%id, %reason);
+        let _ = self.store.transition(id, &[State::Stopping], State::Failed, Some(&reason)).await;
     }
 
     async fn finish_stop(&self, id: &str) -> Result<(), ApiError> {
@@ -318,20 +332,46 @@ impl Manager {
             Some(other) => return Err(ApiError::conflict(format!("sandbox {id} is {other}; try again when it settles"))),
             None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
         }
+        if let Err(e) = self.remove_everything(&rec).await {
+            self.fail_after(id, "deleting", &e).await;
+            return Err(e);
+        }
+        tracing::info!(%id, "sandbox removed");
+        Ok(())
+    }
+
+    async fn remove_everything(&self, rec: &Record) -> Result<(), ApiError> {
+        let id = rec.id.as_str();
         if let Some(live) = self.take_live(id) {
             live.vm.terminate().await;
-        } else if let (Some(pid), Ok(engine)) = (rec.pid, self.engine()) {
-            engine.kill_stale(id, pid).await;
         }
-        self.net_for(&rec).teardown().await.map_err(|e| ApiError::internal(e.to_string()))?;
+        self.kill_stale(rec).await;
+        self.net_for(rec).teardown().await.map_err(|e| ApiError::internal(e.to_string()))?;
         let dir = self.run_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| ApiError::internal(format!("removing {}: {e}", dir.display())))?;
         }
         self.store.delete(id).await?;
-        tracing::info!(%id, "sandbox removed");
         Ok(())
+    }
+
+    /// Kills a VM of this sandbox that no live handle owns (left by an earlier daemon, or by a
+    /// create cut short before its pid was recorded).
+    async fn kill_stale(&self, rec: &Record) {
+        let pid = rec.pid.or_else(|| {
+            std::fs::read_to_string(self.run_dir(&rec.id).join("vm.pid")).ok().and_then(|p| p.trim().parse().ok())
+        });
+        let Some(pid) = pid else { return };
+        match self.engine() {
+            Ok(engine) => {
+                engine.kill_stale(&rec.id, pid).await;
+            }
+            // QEMU was uninstalled since: its processes can still be running, and still must go.
+            Err(_) => {
+                torpor_engine::qemu::kill_stale_vm(&rec.id, pid).await;
+            }
+        }
     }
 
     /// Brings the store and the host into agreement after a (re)start: adopts VMs that are still
@@ -390,9 +430,7 @@ impl Manager {
     }
 
     async fn kill_leftovers(&self, rec: &Record, net: &SandboxNet) {
-        if let (Some(pid), Ok(engine)) = (rec.pid, self.engine()) {
-            engine.kill_stale(&rec.id, pid).await;
-        }
+        self.kill_stale(rec).await;
         let _ = net.teardown().await;
         let _ = self.store.set_pid(&rec.id, None).await;
     }
@@ -408,8 +446,8 @@ impl Manager {
                 continue;
             }
             let pid = std::fs::read_to_string(entry.path().join("vm.pid")).ok().and_then(|p| p.trim().parse().ok());
-            if let (Some(pid), Ok(engine)) = (pid, self.engine()) {
-                engine.kill_stale(&id, pid).await;
+            if let Some(pid) = pid {
+                torpor_engine::qemu::kill_stale_vm(&id, pid).await;
             }
             let unspecified = std::net::Ipv4Addr::UNSPECIFIED;
             let _ = SandboxNet::new(&id, unspecified, unspecified).teardown().await;

@@ -39,6 +39,7 @@ impl Running {
             .lock()
             .expect("exec table poisoned")
             .get(exec_id)
+            .filter(|pgid| **pgid > 0)
             .ok_or_else(|| Status::not_found(format!("no running exec with id {exec_id:?}")))?;
         let signal = Signal::try_from(signal)
             .map_err(|_| Status::invalid_argument(format!("unknown signal number {signal}")))?;
@@ -53,6 +54,19 @@ impl Running {
         }
         groups.insert(exec_id.to_owned(), pgid);
         Ok(())
+    }
+
+    fn set_group(&self, exec_id: &str, pgid: i32) {
+        self.groups.lock().expect("exec table poisoned").insert(exec_id.to_owned(), pgid);
+    }
+
+    /// Sends `signal` to every running exec (used before power-off).
+    pub fn signal_all(&self, signal: Signal) {
+        for pgid in self.groups.lock().expect("exec table poisoned").values() {
+            if *pgid > 0 {
+                let _ = killpg(Pid::from_raw(*pgid), signal);
+            }
+        }
     }
 
     fn remove(&self, exec_id: &str) {
@@ -79,15 +93,18 @@ pub async fn start(
         return Err(Status::invalid_argument("argv must name a program"));
     }
     let mut cmd = build_command(&start, default_env)?;
-    let (mut child, exit_rx) = reaper
-        .spawn(&mut cmd)
-        .map_err(|e| Status::failed_precondition(format!("cannot start {:?}: {e}", start.argv[0])))?;
+    let exec_id = if start.exec_id.is_empty() { format!("anon-{}", rand::random::<u64>()) } else { start.exec_id.clone() };
+    // Reserve the id first: a duplicate must be refused before anything runs.
+    running.insert(&exec_id, 0)?;
+    let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            running.remove(&exec_id);
+            return Err(Status::failed_precondition(format!("cannot start {:?}: {e}", start.argv[0])));
+        }
+    };
     let pid = child.id() as i32;
-    let exec_id = if start.exec_id.is_empty() { format!("pid-{pid}") } else { start.exec_id.clone() };
-    if let Err(e) = running.insert(&exec_id, pid) {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        return Err(e);
-    }
+    running.set_group(&exec_id, pid);
 
     let stdin = child.stdin.take().map(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s)));
     let stdout = child.stdout.take().map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
@@ -98,8 +115,9 @@ pub async fn start(
     if let Some(Ok(stdin)) = stdin {
         tokio::spawn(forward_stdin(input, stdin));
     }
-    let out_task = stdout.map(|r| tokio::spawn(forward_output(r.ok(), tx.clone(), false)));
-    let err_task = stderr.map(|r| tokio::spawn(forward_output(r.ok(), tx.clone(), true)));
+    let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
+    let out_task = stdout.map(|r| tokio::spawn(forward_output(r.ok(), tx.clone(), false, exited_rx.clone())));
+    let err_task = stderr.map(|r| tokio::spawn(forward_output(r.ok(), tx.clone(), true, exited_rx)));
 
     let running = running.clone();
     let timeout = (start.timeout_ms > 0).then(|| Duration::from_millis(start.timeout_ms));
@@ -126,11 +144,9 @@ pub async fn start(
             }
         };
         running.remove(&exec_id);
+        let _ = exited_tx.send(true);
         for task in [out_task, err_task].into_iter().flatten() {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(OUTPUT_DRAIN_GRACE, task).await.is_err() {
-                abort.abort();
-            }
+            let _ = task.await;
         }
         let exited = match status {
             Ok(status) => ExecExited {
@@ -169,7 +185,14 @@ fn build_command(start: &ExecStart, default_env: &HashMap<String, String>) -> Re
         .env("LOGNAME", &user.name)
         .envs(default_env)
         .envs(&start.env)
-        .current_dir(if start.cwd.is_empty() { user.dir.clone() } else { start.cwd.clone().into() })
+        .current_dir(if !start.cwd.is_empty() {
+            start.cwd.clone().into()
+        } else if user.dir.is_dir() {
+            user.dir.clone()
+        } else {
+            // e.g. nobody's home, /nonexistent: a missing home must not look like a missing program.
+            "/".into()
+        })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -224,17 +247,30 @@ async fn forward_stdin(mut input: Streaming<ExecInput>, mut stdin: pipe::Sender)
     // The caller went away or ended its stream: either way the process sees end of input.
 }
 
+/// Forwards one pipe until end of file. Once the process has exited, a read that waits longer
+/// than the grace period ends it (time spent waiting for a slow consumer does not count).
 async fn forward_output(
     reader: Option<pipe::Receiver>,
     tx: mpsc::Sender<Result<ExecOutput, Status>>,
     is_stderr: bool,
+    exited: tokio::sync::watch::Receiver<bool>,
 ) {
     let Some(mut reader) = reader else { return };
     let mut buf = vec![0u8; CHUNK];
     loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
+        let read = async {
+            let mut exited = exited.clone();
+            tokio::select! {
+                r = reader.read(&mut buf) => Some(r),
+                _ = async {
+                    let _ = exited.wait_for(|e| *e).await;
+                    tokio::time::sleep(OUTPUT_DRAIN_GRACE).await;
+                } => None,
+            }
+        };
+        match read.await {
+            None | Some(Ok(0)) | Some(Err(_)) => return,
+            Some(Ok(n)) => {
                 let data = buf[..n].to_vec();
                 let kind = if is_stderr {
                     exec_output::Kind::Stderr(data)

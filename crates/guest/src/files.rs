@@ -28,21 +28,25 @@ fn absolute(path: &str) -> Result<&Path, Status> {
 }
 
 fn io_status(context: &str, path: &Path, e: std::io::Error) -> Status {
+    use std::io::ErrorKind::*;
     let msg = format!("{context} {}: {e}", path.display());
     match e.kind() {
-        std::io::ErrorKind::NotFound => Status::not_found(msg),
-        std::io::ErrorKind::PermissionDenied => Status::permission_denied(msg),
+        NotFound => Status::not_found(msg),
+        PermissionDenied => Status::permission_denied(msg),
+        IsADirectory | NotADirectory | InvalidFilename | ReadOnlyFilesystem | AlreadyExists => Status::invalid_argument(msg),
+        StorageFull | QuotaExceeded | FileTooLarge => Status::resource_exhausted(msg),
         _ => Status::internal(msg),
     }
 }
 
 pub async fn read(path: &str) -> Result<ReadStream, Status> {
     let path = absolute(path)?.to_path_buf();
-    let mut file = File::open(&path).await.map_err(|e| io_status("opening", &path, e))?;
-    let meta = file.metadata().await.map_err(|e| io_status("reading metadata of", &path, e))?;
+    // Check the type before opening: opening a FIFO would block forever.
+    let meta = tokio::fs::metadata(&path).await.map_err(|e| io_status("reading metadata of", &path, e))?;
     if !meta.is_file() {
         return Err(Status::invalid_argument(format!("{} is not a regular file", path.display())));
     }
+    let mut file = File::open(&path).await.map_err(|e| io_status("opening", &path, e))?;
     let (tx, rx) = mpsc::channel(8);
     let info = FileInfo { size: meta.len(), mode: meta.mode() & 0o7777 };
     tokio::spawn(async move {
@@ -110,7 +114,14 @@ async fn write_to(
     gid: Gid,
     input: &mut Streaming<WriteFileInput>,
 ) -> Result<u64, Status> {
-    let mut file = File::create(tmp).await.map_err(|e| io_status("creating", tmp, e))?;
+    // Private until it is complete and has its final owner and mode.
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp)
+        .await
+        .map_err(|e| io_status("creating", tmp, e))?;
     let mut written = 0u64;
     while let Some(msg) = input.next().await {
         match msg?.kind {
@@ -125,11 +136,12 @@ async fn write_to(
         }
     }
     file.sync_all().await.map_err(|e| io_status("syncing", tmp, e))?;
+    // chown before chmod: chown clears setuid/setgid bits.
+    chown(tmp, Some(uid), Some(gid)).map_err(|e| Status::internal(format!("chown {}: {e}", tmp.display())))?;
     let mode = if header.mode == 0 { 0o644 } else { header.mode & 0o7777 };
     tokio::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
         .await
         .map_err(|e| io_status("setting mode of", tmp, e))?;
-    chown(tmp, Some(uid), Some(gid)).map_err(|e| Status::internal(format!("chown {}: {e}", tmp.display())))?;
     Ok(written)
 }
 

@@ -83,31 +83,48 @@ fn parse_serve_args() -> Result<(SocketAddr, String)> {
     Ok((listen, secret.trim().to_owned()))
 }
 
+/// At most this long for in-flight answers to go out before the supervisor powers off.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Serves until asked to shut down; returns whether the machine should power off.
 async fn serve(listen: SocketAddr, secret: String, is_init: bool) -> Result<bool> {
     let reaper = reaper::Reaper::start().context("installing the SIGCHLD handler")?;
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
+    let running = exec::Running::default();
     let service = service::Service {
         reaper,
-        running: exec::Running::default(),
+        running: running.clone(),
         default_env: Arc::new(RwLock::new(HashMap::new())),
         shutdown: shutdown_tx,
     };
     let mut sigterm = signal(SignalKind::terminate())?;
     // Ctrl-Alt-Del (and QEMU's `system_powerdown` on some machines) arrives at PID 1 as SIGINT.
     let mut sigint = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = shutdown_rx.recv() => {}
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-    };
+    let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                SupervisorServer::new(service).max_decoding_message_size(16 * 1024 * 1024),
+                service::authenticator(secret),
+            ))
+            .serve_with_shutdown(listen, async {
+                let _ = stopped.await;
+            }),
+    );
     tracing::info!(%listen, "torpor-guest {} serving", torpor_proto::VERSION);
-    tonic::transport::Server::builder()
-        .add_service(SupervisorServer::with_interceptor(service, service::authenticator(secret)))
-        .serve_with_shutdown(listen, shutdown)
-        .await
-        .context("serving the supervisor API")?;
+    tokio::select! {
+        _ = shutdown_rx.recv() => {}
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+        result = &mut server => {
+            result.context("supervisor task")?.context("serving the supervisor API")?;
+            return Ok(is_init);
+        }
+    }
+    // Open exec streams would hold a graceful shutdown open forever: end their processes, let
+    // in-flight answers (the Shutdown reply among them) go out, then stop waiting.
+    running.signal_all(nix::sys::signal::Signal::SIGTERM);
+    let _ = stop_serving.send(());
+    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, server).await;
     Ok(is_init)
 }

@@ -35,6 +35,8 @@ pub enum NetError {
     },
     #[error("{0}")]
     Pool(#[from] PoolError),
+    #[error("host address {addr} is already on interface {interface} (a leftover of another daemon sharing this address pool?); remove it or give this daemon its own address_pool")]
+    AddressInUse { addr: Ipv4Addr, interface: String },
 }
 
 /// Everything that names one sandbox's network.
@@ -73,6 +75,9 @@ impl SandboxNet {
     }
 
     async fn try_setup(&self) -> Result<(), NetError> {
+        if let Some(owner) = address_owner(self.host_ip) {
+            return Err(NetError::AddressInUse { addr: self.host_ip, interface: owner });
+        }
         let ns = self.netns.as_str();
         ip(&["netns", "add", ns]).await?;
         ip(&["link", "add", &self.host_veth, "type", "veth", "peer", "name", NS_VETH, "netns", ns]).await?;
@@ -124,7 +129,12 @@ table inet torpor_filter {{
     /// Removes the namespace (and with it the tap, the veth pair and every rule). Idempotent.
     pub async fn teardown(&self) -> Result<(), NetError> {
         if netns_exists(&self.netns) {
-            ip(&["netns", "del", &self.netns]).await?;
+            // Someone else (a concurrent teardown) may win the race; gone is gone.
+            if let Err(e) = ip(&["netns", "del", &self.netns]).await {
+                if netns_exists(&self.netns) {
+                    return Err(e);
+                }
+            }
         }
         // The host end normally vanishes with its peer; remove it ourselves if setup died halfway.
         if link_exists(&self.host_veth) {
@@ -136,6 +146,16 @@ table inet torpor_filter {{
     pub fn exists(&self) -> bool {
         netns_exists(&self.netns) && link_exists(&self.host_veth)
     }
+}
+
+/// The host interface that already carries `addr`, if any.
+fn address_owner(addr: Ipv4Addr) -> Option<String> {
+    let out = std::process::Command::new("ip").args(["-o", "-4", "addr", "show"]).output().ok()?;
+    let needle = format!(" {addr}/");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&needle))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
 }
 
 pub fn netns_exists(name: &str) -> bool {

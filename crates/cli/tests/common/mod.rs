@@ -207,8 +207,13 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
+        // Feed stdin from a thread: the CLI's output must be read while input is still flowing.
+        let mut pipe = child.stdin.take().unwrap();
+        let input = stdin.to_vec();
+        let writer = std::thread::spawn(move || pipe.write_all(&input));
+        let output = child.wait_with_output().unwrap();
+        writer.join().unwrap().expect("writing the CLI's stdin");
+        output
     }
 
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {

@@ -12,7 +12,7 @@ use axum::response::Response;
 use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use futures::{Stream, StreamExt};
+use futures::{SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use torpor_proto::supervisor::{exec_exited, exec_input, exec_output, ExecInput, ExecStart, StdinEof};
 
@@ -20,6 +20,8 @@ use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
 use crate::manager::Live;
 use crate::model::{ExecClientMessage, ExecEvent, ExecRequest, SignalRequest};
+
+const STDIN_CHUNK: usize = 1 << 20;
 
 enum Stdin {
     Data(Vec<u8>),
@@ -50,11 +52,13 @@ async fn start(
             timeout_ms: req.timeout_secs.map(|s| (s * 1000.0).ceil() as u64).unwrap_or(0),
         })),
     };
-    let rest = tokio_stream::wrappers::ReceiverStream::new(stdin).map(|msg| ExecInput {
-        kind: Some(match msg {
-            Stdin::Data(d) => exec_input::Kind::Stdin(d),
-            Stdin::Eof => exec_input::Kind::StdinEof(StdinEof {}),
-        }),
+    // Split stdin so no gRPC message approaches the supervisor's message size limit.
+    let rest = tokio_stream::wrappers::ReceiverStream::new(stdin).flat_map(|msg| {
+        let kinds: Vec<exec_input::Kind> = match msg {
+            Stdin::Data(d) => d.chunks(STDIN_CHUNK).map(|c| exec_input::Kind::Stdin(c.to_vec())).collect(),
+            Stdin::Eof => vec![exec_input::Kind::StdinEof(StdinEof {})],
+        };
+        futures::stream::iter(kinds.into_iter().map(|kind| ExecInput { kind: Some(kind) }))
     });
     let input = futures::stream::iter([first]).chain(rest);
     let output = live.guest.raw().exec(input).await.map_err(ApiError::from_guest)?.into_inner();
@@ -162,51 +166,69 @@ async fn run_ws(mut socket: WebSocket, live: Arc<Live>) {
             return;
         }
     };
-    let mut tx = Some(tx);
+    let (mut sink, mut incoming) = socket.split();
+    // Client messages are handled in their own task: waiting for the guest to take stdin must
+    // never stop output from flowing the other way.
+    let (problem_tx, mut problem_rx) = mpsc::channel::<String>(1);
+    let reader = tokio::spawn(async move {
+        let mut tx = Some(tx);
+        while let Some(Ok(msg)) = incoming.next().await {
+            let data = match msg {
+                Message::Text(text) => match serde_json::from_str::<ExecClientMessage>(&text) {
+                    Ok(ExecClientMessage::Stdin { data }) => match B64.decode(data) {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            let _ = problem_tx.send(format!("stdin is not valid base64: {e}")).await;
+                            return;
+                        }
+                    },
+                    Ok(ExecClientMessage::StdinEof) => {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(Stdin::Eof).await;
+                        }
+                        continue;
+                    }
+                    Ok(ExecClientMessage::Signal { signal }) => {
+                        if let Err(e) = live.guest.signal(&exec_id, signal).await {
+                            tracing::debug!(%exec_id, error = %e.message(), "signal failed");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = problem_tx.send(format!("invalid message: {e}")).await;
+                        return;
+                    }
+                },
+                Message::Binary(bytes) => bytes.to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if let Some(tx) = &tx {
+                let _ = tx.send(Stdin::Data(data)).await;
+            }
+        }
+        // The client went away: dropping `tx` and, below, the exec stream ends the process.
+    });
     tokio::pin!(events);
     loop {
         tokio::select! {
             ev = events.next() => {
                 let Some(ev) = ev else { break };
                 let last = matches!(ev, ExecEvent::Exit { .. } | ExecEvent::Error { .. });
-                if !send_event(&mut socket, &ev).await || last {
+                let text = serde_json::to_string(&ev).expect("event serialises");
+                if sink.send(Message::Text(text.into())).await.is_err() || last {
                     break;
                 }
             }
-            msg = socket.recv() => match msg {
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ExecClientMessage>(&text) {
-                    Ok(ExecClientMessage::Stdin { data }) => {
-                        if let (Ok(bytes), Some(tx)) = (base64::engine::general_purpose::STANDARD.decode(data), &tx) {
-                            let _ = tx.send(Stdin::Data(bytes)).await;
-                        }
-                    }
-                    Ok(ExecClientMessage::StdinEof) => {
-                        if let Some(tx) = tx.take() {
-                            let _ = tx.send(Stdin::Eof).await;
-                        }
-                    }
-                    Ok(ExecClientMessage::Signal { signal }) => {
-                        if let Err(e) = live.guest.signal(&exec_id, signal).await {
-                            tracing::debug!(%exec_id, error = %e.message(), "signal failed");
-                        }
-                    }
-                    Err(e) => {
-                        send_event(&mut socket, &ExecEvent::Error { message: format!("invalid message: {e}") }).await;
-                        break;
-                    }
-                },
-                Some(Ok(Message::Binary(bytes))) => {
-                    if let Some(tx) = &tx {
-                        let _ = tx.send(Stdin::Data(bytes.to_vec())).await;
-                    }
-                }
-                Some(Ok(_)) => {}
-                // The client went away: dropping the exec stream kills the process in the guest.
-                Some(Err(_)) | None => break,
-            },
+            Some(problem) = problem_rx.recv() => {
+                let text = serde_json::to_string(&ExecEvent::Error { message: problem }).expect("event serialises");
+                let _ = sink.send(Message::Text(text.into())).await;
+                break;
+            }
         }
     }
-    let _ = socket.send(Message::Close(None)).await;
+    reader.abort();
+    let _ = sink.send(Message::Close(None)).await;
 }
 
 /// Sends a signal to a running exec's process group.

@@ -68,6 +68,9 @@ pub async fn upload(
     body: Body,
 ) -> Result<Json<Uploaded>, ApiError> {
     validate_guest_path(&params.path)?;
+    if params.path.ends_with('/') {
+        return Err(ApiError::invalid(format!("{:?} names a directory; give the file's full path", params.path)));
+    }
     let mode = parse_mode(params.mode.as_deref())?;
     let limit = state.manager.cfg.max_file_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -147,9 +150,18 @@ pub async fn download(
     if info.size > limit {
         return Err(too_large(limit));
     }
-    let body = stream.map(|msg| match msg {
+    // No Content-Length: a file's size can change while it is read, and /proc files report 0.
+    // The limit is enforced on the bytes that actually flow.
+    let mut sent = 0u64;
+    let body = stream.map(move |msg| match msg {
         Ok(m) => match m.kind {
-            Some(read_file_output::Kind::Data(d)) => Ok(Bytes::from(d)),
+            Some(read_file_output::Kind::Data(d)) => {
+                sent += d.len() as u64;
+                if sent > limit {
+                    return Err(std::io::Error::other(format!("file grew past the limit of {limit} bytes")));
+                }
+                Ok(Bytes::from(d))
+            }
             _ => Ok(Bytes::new()),
         },
         Err(status) => Err(std::io::Error::other(status.message().to_owned())),
@@ -157,7 +169,6 @@ pub async fn download(
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, info.size)
         .header("x-torpor-mode", format!("{:o}", info.mode))
         .body(Body::from_stream(body))
         .expect("valid response"))

@@ -111,7 +111,13 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
 
 /// Turns axum's JSON rejections into our error shape, keeping their explanation.
 pub(crate) fn json_body<T>(body: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(v)| v).map_err(|e| ApiError::invalid(format!("invalid JSON body: {}", e.body_text())))
+    body.map(|Json(v)| v).map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("request body too large: {}", e.body_text()))
+        } else {
+            ApiError::invalid(format!("invalid JSON body: {}", e.body_text()))
+        }
+    })
 }
 
 #[cfg(test)]

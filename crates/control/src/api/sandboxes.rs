@@ -9,6 +9,14 @@ use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
 use crate::model::{CreateSandbox, Sandbox};
 
+/// Runs a lifecycle operation to completion even if the client goes away: axum drops a handler
+/// whose connection closes, which would strand the sandbox halfway between two states.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(op).await.unwrap_or_else(|e| Err(ApiError::internal(format!("lifecycle task failed: {e}"))))
+}
+
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct SandboxList {
     pub sandboxes: Vec<Sandbox>,
@@ -27,7 +35,8 @@ pub async fn create(
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
     let req = json_body(body)?.validate(&state.manager.cfg)?;
-    let sandbox = state.manager.create(req).await?;
+    let manager = state.manager.clone();
+    let sandbox = detached(async move { manager.create(req).await }).await?;
     Ok((StatusCode::CREATED, Json(sandbox)))
 }
 
@@ -47,14 +56,16 @@ pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> R
     (status = 200, body = Sandbox), (status = 404, body = ErrorBody),
     (status = 409, body = ErrorBody, description = "not running")))]
 pub async fn stop(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(state.manager.stop(&id).await?))
+    let manager = state.manager.clone();
+    Ok(Json(detached(async move { manager.stop(&id).await }).await?))
 }
 
 /// Removes the sandbox: VM, network, disk and record.
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("id" = String, Path)), responses(
     (status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    state.manager.delete(&id).await?;
+    let manager = state.manager.clone();
+    detached(async move { manager.delete(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -135,13 +135,7 @@ impl Engine for QemuEngine {
     }
 
     async fn kill_stale(&self, id: &str, pid: u32) -> bool {
-        if !is_vm_of(id, pid) {
-            return false;
-        }
-        let Ok(exit) = ExitWatch::pid(pid) else { return false };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-        let _ = tokio::time::timeout(QUIT_GRACE, exit.wait()).await;
-        true
+        kill_stale_vm(id, pid).await
     }
 
     async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, EngineError> {
@@ -154,6 +148,18 @@ impl Engine for QemuEngine {
         qmp.execute("query-status", None).await?;
         Ok(Box::new(vm))
     }
+}
+
+/// Kills `pid` if it is the QEMU process of sandbox `id` (checked by its `-name`), and waits for
+/// it to go. Needs no engine instance: usable even when QEMU has been uninstalled since.
+pub async fn kill_stale_vm(id: &str, pid: u32) -> bool {
+    if !is_vm_of(id, pid) {
+        return false;
+    }
+    let Ok(exit) = ExitWatch::pid(pid) else { return false };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    let _ = tokio::time::timeout(QUIT_GRACE, exit.wait()).await;
+    true
 }
 
 fn is_vm_of(id: &str, pid: u32) -> bool {
