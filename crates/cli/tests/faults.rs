@@ -166,15 +166,7 @@ async fn a_vm_that_dies_is_failed_with_its_reason() {
     let pid = sb["pid"].as_u64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
 
-    let mut state = Value::Null;
-    for _ in 0..200 {
-        state = d.get(&id).await;
-        if state["state"] == "failed" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(state["state"], "failed", "{state}");
+    let state = d.wait_for_state(&id, "failed", Duration::from_secs(10)).await;
     assert!(state["reason"].as_str().unwrap().contains("killed by signal 9"), "{state}");
     let (status, _) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(json!({"argv": ["true"]}))).await;
     assert_eq!(status, StatusCode::CONFLICT);
@@ -210,15 +202,7 @@ async fn daemon_restart_adopts_running_sandboxes() {
     // The adopted VM is still watched: its death is noticed.
     let a_pid = sa["pid"].as_u64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(a_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let mut state = Value::Null;
-    for _ in 0..200 {
-        state = d.get(&a).await;
-        if state["state"] == "failed" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(state["state"], "failed", "{state}");
+    d.wait_for_state(&a, "failed", Duration::from_secs(10)).await;
 
     for id in [&a, &b] {
         let (status, _) = d.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;

@@ -165,6 +165,19 @@ impl Daemon {
         sandbox
     }
 
+    /// Polls the sandbox until it reaches `state`; returns it then.
+    pub async fn wait_for_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let sandbox = self.get(id).await;
+            if sandbox["state"] == state {
+                return sandbox;
+            }
+            assert!(Instant::now() < deadline, "{id} did not become {state}: {sandbox}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn list_ids(&self) -> Vec<String> {
         let (_, list) = self.call(Method::GET, "/v1/sandboxes", None).await;
         list["sandboxes"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect()
