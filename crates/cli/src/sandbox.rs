@@ -25,6 +25,9 @@ pub enum SandboxCommand {
         /// Default environment for every command in the sandbox, as KEY=VALUE (repeatable).
         #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Pause after this many seconds without activity (default 300; 0 = never).
+        #[arg(long, value_name = "SECS")]
+        idle_timeout: Option<u64>,
         /// Print the whole sandbox as JSON instead of its id.
         #[arg(long)]
         json: bool,
@@ -62,8 +65,22 @@ pub enum SandboxCommand {
     },
     /// Copy a file between the host and a sandbox; one side is `ID:/absolute/path`.
     Cp { src: String, dst: String },
-    /// Power a sandbox off cleanly; its disk is kept.
+    /// Power a sandbox off cleanly; its disk is kept (a paused sandbox loses its memory snapshot).
     Stop { id: String },
+    /// Snapshot a running sandbox to disk and end its VM: it then costs no CPU and no memory.
+    Pause { id: String },
+    /// Bring a paused sandbox back exactly as it was.
+    Resume { id: String },
+    /// Make sure a sandbox runs: resume it if paused (what every exec and cp does on its own).
+    Connect { id: String },
+    /// Cold-boot a stopped or failed sandbox from its disk.
+    Start { id: String },
+    /// Show what a sandbox has used: running time, vCPU and memory seconds, bytes stored paused.
+    Usage {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a sandbox and everything it owns.
     Rm { id: String },
 }
@@ -80,8 +97,14 @@ pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
     let client = Client::new(url, api_key)?;
     match cmd {
-        SandboxCommand::Create { template, vcpus, memory, env, json } => {
-            let req = CreateSandbox { template: Some(template), vcpus, memory_mib: memory, env: parse_env(&env)? };
+        SandboxCommand::Create { template, vcpus, memory, env, idle_timeout, json } => {
+            let req = CreateSandbox {
+                template: Some(template),
+                vcpus,
+                memory_mib: memory,
+                env: parse_env(&env)?,
+                idle_timeout_secs: idle_timeout,
+            };
             let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sandbox)?);
@@ -133,12 +156,36 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
             let s: Sandbox = client.json(Method::POST, &format!("/v1/sandboxes/{id}/stop"), None::<&()>).await?;
             println!("{} {}", s.id, s.state);
         }
+        SandboxCommand::Pause { id } => lifecycle(&client, &id, "pause").await?,
+        SandboxCommand::Resume { id } => lifecycle(&client, &id, "resume").await?,
+        SandboxCommand::Connect { id } => lifecycle(&client, &id, "connect").await?,
+        SandboxCommand::Start { id } => lifecycle(&client, &id, "start").await?,
+        SandboxCommand::Usage { id, json } => {
+            let u: torpor_control::model::Usage =
+                client.json(Method::GET, &format!("/v1/sandboxes/{id}/usage"), None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&u)?);
+            } else {
+                println!("running:        {:.1} s", u.running_seconds);
+                println!("vcpu:           {:.1} vCPU·s", u.vcpu_seconds);
+                println!("memory:         {:.1} GiB·s", u.memory_gib_seconds);
+                println!("paused storage: {} bytes now, {:.0} byte·s in total", u.paused_bytes, u.paused_byte_seconds);
+                println!("on disk:        {} bytes", u.storage_bytes);
+                println!("resumes:        {}", u.resumes);
+            }
+        }
         SandboxCommand::Rm { id } => {
             client.send(client.request(Method::DELETE, &format!("/v1/sandboxes/{id}"))).await?;
             println!("{id} removed");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn lifecycle(client: &Client, id: &str, action: &str) -> Result<()> {
+    let s: Sandbox = client.json(Method::POST, &format!("/v1/sandboxes/{id}/{action}"), None::<&()>).await?;
+    println!("{} {}", s.id, s.state);
+    Ok(())
 }
 
 fn print_sandbox(s: &Sandbox) {
@@ -151,6 +198,7 @@ fn print_sandbox(s: &Sandbox) {
     println!("vcpus:       {}", s.vcpus);
     println!("memory:      {} MiB", s.memory_mib);
     println!("accelerator: {}", s.accelerator);
+    println!("idle pause:  {}", if s.idle_timeout_secs == 0 { "never".to_owned() } else { format!("after {} s", s.idle_timeout_secs) });
     if let Some(pid) = s.pid {
         println!("vm pid:      {pid}");
     }

@@ -46,6 +46,8 @@ pub struct Config {
     pub max_vcpus: u32,
     pub min_memory_mib: u32,
     pub max_memory_mib: u32,
+    /// Idle seconds before a sandbox pauses when its create request does not say (0 = never).
+    pub default_idle_timeout_secs: u64,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -73,6 +75,7 @@ impl Default for Config {
             max_vcpus: 16,
             min_memory_mib: 128,
             max_memory_mib: 65536,
+            default_idle_timeout_secs: 300,
         }
     }
 }

@@ -72,6 +72,15 @@ impl GuestClient {
         Ok(())
     }
 
+    /// Sets the guest's wall clock to the host's now.
+    pub async fn sync_clock(&self) -> Result<(), Status> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut req = Request::new(SetClockRequest { unix_nanos: now.as_nanos() as i64 });
+        req.set_timeout(Duration::from_secs(5));
+        self.raw().set_clock(req).await?;
+        Ok(())
+    }
+
     pub async fn info(&self) -> Result<InfoResponse, Status> {
         Ok(self.raw().info(InfoRequest {}).await?.into_inner())
     }

@@ -16,6 +16,9 @@ use crate::error::ApiError;
 pub enum State {
     Creating,
     Running,
+    Pausing,
+    Paused,
+    Resuming,
     Stopping,
     Stopped,
     Failed,
@@ -26,6 +29,9 @@ impl State {
         match self {
             State::Creating => "creating",
             State::Running => "running",
+            State::Pausing => "pausing",
+            State::Paused => "paused",
+            State::Resuming => "resuming",
             State::Stopping => "stopping",
             State::Stopped => "stopped",
             State::Failed => "failed",
@@ -33,7 +39,16 @@ impl State {
     }
 
     pub fn parse(s: &str) -> Option<State> {
-        [State::Creating, State::Running, State::Stopping, State::Stopped, State::Failed]
+        [
+            State::Creating,
+            State::Running,
+            State::Pausing,
+            State::Paused,
+            State::Resuming,
+            State::Stopping,
+            State::Stopped,
+            State::Failed,
+        ]
             .into_iter()
             .find(|st| st.as_str() == s)
     }
@@ -68,6 +83,8 @@ pub struct Sandbox {
     pub accelerator: String,
     /// PID of the VM process while it runs.
     pub pid: Option<u32>,
+    /// Seconds without API calls, execs or relay traffic before the sandbox pauses; 0 = never.
+    pub idle_timeout_secs: u64,
     pub network: NetworkInfo,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -83,6 +100,8 @@ pub struct CreateSandbox {
     /// Default environment for every exec in the sandbox.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Pause after this many idle seconds (default 300; 0 = never).
+    pub idle_timeout_secs: Option<u64>,
 }
 
 /// A create request with defaults filled in and every field checked.
@@ -92,7 +111,11 @@ pub struct ValidCreate {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub env: BTreeMap<String, String>,
+    pub idle_timeout_secs: u64,
 }
+
+/// Longest idle timeout accepted: 30 days (0 means never, for longer).
+pub const MAX_IDLE_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
 
 impl CreateSandbox {
     pub fn validate(self, cfg: &Config) -> Result<ValidCreate, ApiError> {
@@ -117,7 +140,13 @@ impl CreateSandbox {
         for key in self.env.keys() {
             validate_env_name(key)?;
         }
-        Ok(ValidCreate { template, vcpus, memory_mib, env: self.env })
+        let idle_timeout_secs = self.idle_timeout_secs.unwrap_or(cfg.default_idle_timeout_secs);
+        if idle_timeout_secs > MAX_IDLE_TIMEOUT_SECS {
+            return Err(ApiError::invalid(format!(
+                "idle_timeout_secs must be at most {MAX_IDLE_TIMEOUT_SECS} (or 0 for never), got {idle_timeout_secs}"
+            )));
+        }
+        Ok(ValidCreate { template, vcpus, memory_mib, env: self.env, idle_timeout_secs })
     }
 }
 
@@ -220,6 +249,23 @@ pub enum ExecClientMessage {
     Signal { signal: i32 },
 }
 
+/// What a bill would be computed from.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
+pub struct Usage {
+    pub id: String,
+    /// Seconds spent running (not paused, stopped or failed).
+    pub running_seconds: f64,
+    pub vcpu_seconds: f64,
+    pub memory_gib_seconds: f64,
+    /// Bytes the sandbox stores right now if it is paused (disk layer and snapshot), else 0.
+    pub paused_bytes: u64,
+    /// Sum over paused intervals of bytes stored × seconds.
+    pub paused_byte_seconds: f64,
+    /// Bytes on the host's disk right now (disk layer, snapshot, logs).
+    pub storage_bytes: u64,
+    pub resumes: u64,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct SignalRequest {
     pub signal: i32,
@@ -244,8 +290,9 @@ mod tests {
     fn create_fills_defaults_and_checks_ranges() {
         let cfg = Config::default();
         let v = CreateSandbox::default().validate(&cfg).unwrap();
-        assert_eq!((v.template.as_str(), v.vcpus, v.memory_mib), ("base", 1, 512));
+        assert_eq!((v.template.as_str(), v.vcpus, v.memory_mib, v.idle_timeout_secs), ("base", 1, 512, 300));
         let bad = |req: CreateSandbox| req.validate(&cfg).unwrap_err();
+        assert_eq!(bad(CreateSandbox { idle_timeout_secs: Some(u64::MAX), ..Default::default() }).status.as_u16(), 400);
         assert_eq!(bad(CreateSandbox { vcpus: Some(0), ..Default::default() }).status.as_u16(), 400);
         assert_eq!(bad(CreateSandbox { vcpus: Some(99), ..Default::default() }).status.as_u16(), 400);
         assert_eq!(bad(CreateSandbox { memory_mib: Some(1), ..Default::default() }).status.as_u16(), 400);

@@ -60,6 +60,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
     let report = manager.reconcile().await.map_err(|e| ServerError::Setup(e.message))?;
     tracing::info!(
         adopted = report.adopted.len(),
+        paused_again = report.paused.len(),
         failed = report.failed.len(),
         orphans_removed = report.orphans.len(),
         "reconciled the store with the host"
@@ -67,6 +68,8 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
     for (id, reason) in &report.failed {
         tracing::warn!(%id, %reason, "could not adopt sandbox");
     }
+
+    tokio::spawn(manager.clone().auto_pause());
 
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
     tracing::info!(%listen, data_dir = %cfg.data_dir.display(), "torpor API listening");

@@ -44,6 +44,31 @@ pub struct Record {
     pub accel: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub idle_timeout_secs: u64,
+    pub meter: Meter,
+}
+
+/// Raw metering columns; see `Record::usage` for what they add up to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Meter {
+    pub resumes: u64,
+    pub running_since: Option<DateTime<Utc>>,
+    pub running_ms: u64,
+    pub paused_since: Option<DateTime<Utc>>,
+    pub paused_bytes: u64,
+    pub paused_byte_ms: f64,
+}
+
+impl Meter {
+    /// Running milliseconds and paused byte-milliseconds up to `now`, open intervals included.
+    pub fn totals(&self, now: DateTime<Utc>) -> (u64, f64) {
+        let open_running = self.running_since.map(|t| (now - t).num_milliseconds().max(0) as u64).unwrap_or(0);
+        let open_paused = self
+            .paused_since
+            .map(|t| (now - t).num_milliseconds().max(0) as f64 * self.paused_bytes as f64)
+            .unwrap_or(0.0);
+        (self.running_ms + open_running, self.paused_byte_ms + open_paused)
+    }
 }
 
 #[derive(Clone)]
@@ -88,8 +113,8 @@ impl Store {
             return Err(StoreError::PoolExhausted(capacity));
         }
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(rec.state.as_str())
@@ -104,6 +129,7 @@ impl Store {
         .bind(&rec.accel)
         .bind(rec.created_at.to_rfc3339())
         .bind(rec.updated_at.to_rfc3339())
+        .bind(rec.idle_timeout_secs as i64)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -137,13 +163,41 @@ impl Store {
         let current = State::parse(&current)
             .ok_or_else(|| StoreError::Corrupt { id: id.to_owned(), message: format!("unknown state {current:?}") })?;
         if from.contains(&current) {
+            let now = Utc::now();
             sqlx::query("UPDATE sandboxes SET state = ?, reason = ?, updated_at = ? WHERE id = ?")
                 .bind(to.as_str())
                 .bind(reason)
-                .bind(Utc::now().to_rfc3339())
+                .bind(now.to_rfc3339())
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            // Metering follows the state in the same transaction, so it can never disagree.
+            if current == State::Running && to != State::Running {
+                sqlx::query(
+                    "UPDATE sandboxes SET running_ms = running_ms + MAX(0, CAST(ROUND((julianday(?) - julianday(running_since)) * 86400000) AS INTEGER)),
+                     running_since = NULL WHERE id = ? AND running_since IS NOT NULL",
+                )
+                .bind(now.to_rfc3339())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if to == State::Running && current != State::Running {
+                sqlx::query("UPDATE sandboxes SET running_since = ? WHERE id = ?").bind(now.to_rfc3339()).bind(id).execute(&mut *tx).await?;
+            }
+            if current == State::Paused && to != State::Paused {
+                sqlx::query(
+                    "UPDATE sandboxes SET paused_byte_ms = paused_byte_ms + paused_bytes * MAX(0, (julianday(?) - julianday(paused_since)) * 86400000.0),
+                     paused_since = NULL, paused_bytes = 0 WHERE id = ? AND paused_since IS NOT NULL",
+                )
+                .bind(now.to_rfc3339())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if to == State::Paused && current != State::Paused {
+                sqlx::query("UPDATE sandboxes SET paused_since = ? WHERE id = ?").bind(now.to_rfc3339()).bind(id).execute(&mut *tx).await?;
+            }
         }
         tx.commit().await?;
         Ok(Some(current))
@@ -156,6 +210,17 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Bytes the sandbox stores while paused; set just before the move to `paused`.
+    pub async fn set_paused_bytes(&self, id: &str, bytes: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET paused_bytes = ? WHERE id = ?").bind(bytes as i64).bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn count_resume(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET resumes = resumes + 1 WHERE id = ?").bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -187,8 +252,23 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
         accel: row.try_get("accel")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
+        idle_timeout_secs: row.try_get::<i64, _>("idle_timeout_secs")? as u64,
+        meter: Meter {
+            resumes: row.try_get::<i64, _>("resumes")? as u64,
+            running_since: optional_time(row, "running_since").map_err(|e| corrupt(e))?,
+            running_ms: row.try_get::<i64, _>("running_ms")? as u64,
+            paused_since: optional_time(row, "paused_since").map_err(|e| corrupt(e))?,
+            paused_bytes: row.try_get::<i64, _>("paused_bytes")? as u64,
+            paused_byte_ms: row.try_get::<f64, _>("paused_byte_ms")?,
+        },
         id,
     })
+}
+
+fn optional_time(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>, String> {
+    let s: Option<String> = row.try_get(col).map_err(|e| e.to_string())?;
+    s.map(|s| DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc)).map_err(|e| format!("{col}: {e}")))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -210,7 +290,38 @@ mod tests {
             accel: "tcg".into(),
             created_at: Utc::now(),
             updated_at: Utc::now(),
+            idle_timeout_secs: 300,
+            meter: Meter::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn metering_follows_transitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).await.unwrap();
+        store.insert(&record("m"), 4).await.unwrap();
+        store.transition("m", &[State::Creating], State::Running, None).await.unwrap();
+        let running = store.get("m").await.unwrap().unwrap().meter;
+        assert!(running.running_since.is_some() && running.running_ms == 0);
+        // Back-date the interval by 2 s so the closed total is known without sleeping.
+        let two_s_ago = (Utc::now() - chrono::Duration::seconds(2)).to_rfc3339();
+        sqlx::query("UPDATE sandboxes SET running_since = ?").bind(&two_s_ago).execute(&store.pool).await.unwrap();
+        store.transition("m", &[State::Running], State::Pausing, None).await.unwrap();
+        let m = store.get("m").await.unwrap().unwrap().meter;
+        assert!(m.running_since.is_none());
+        assert!((2000..2500).contains(&m.running_ms), "{}", m.running_ms);
+        store.set_paused_bytes("m", 1000).await.unwrap();
+        store.transition("m", &[State::Pausing], State::Paused, None).await.unwrap();
+        sqlx::query("UPDATE sandboxes SET paused_since = ?").bind(&two_s_ago).execute(&store.pool).await.unwrap();
+        let open = store.get("m").await.unwrap().unwrap().meter;
+        let (_, byte_ms) = open.totals(Utc::now());
+        assert!((2_000_000.0..2_500_000.0).contains(&byte_ms), "{byte_ms}");
+        store.transition("m", &[State::Paused], State::Resuming, None).await.unwrap();
+        store.count_resume("m").await.unwrap();
+        let closed = store.get("m").await.unwrap().unwrap().meter;
+        assert!((2_000_000.0..2_500_000.0).contains(&closed.paused_byte_ms), "{}", closed.paused_byte_ms);
+        assert_eq!((closed.paused_bytes, closed.resumes), (0, 1));
+        assert!(closed.paused_since.is_none());
     }
 
     #[tokio::test]

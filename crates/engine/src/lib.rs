@@ -4,9 +4,11 @@
 
 mod accel;
 mod process;
+pub mod snapshot;
 mod tsc;
 pub mod qemu;
 
+pub use snapshot::{SnapshotError, SnapshotMeta};
 pub use accel::{choose as choose_accel, Accel, AccelChoice, AccelPreference, HostVirt};
 
 use std::path::PathBuf;
@@ -35,6 +37,12 @@ pub enum EngineError {
     },
     #[error("process {pid} is not the VM of sandbox {id}")]
     NotOurs { pid: u32, id: String },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("saving the VM state failed: {0}")]
+    Save(String),
+    #[error("loading the VM state failed: {0}")]
+    Load(String),
 }
 
 /// Everything needed to boot one sandbox. Paths are absolute; `run_dir` belongs to this sandbox.
@@ -83,9 +91,14 @@ pub trait Engine: Send + Sync {
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
     /// Takes over a VM started by an earlier daemon, after checking `pid` really is it.
     async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, EngineError>;
-    /// Kills a VM process an earlier daemon left behind, if `pid` really is this sandbox's VM.
-    /// Returns whether it killed something.
-    async fn kill_stale(&self, id: &str, pid: u32) -> bool;
+    /// Boots the VM from the complete snapshot in `spec.run_dir` (see [`snapshot`]). Returns once
+    /// the guest runs again; from then on the snapshot is consumed.
+    async fn restore(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
+    /// The pid of a running VM process of sandbox `id`, found without any record of it.
+    fn find_vm(&self, id: &str) -> Option<u32>;
+    /// Kills every VM process of sandbox `id` that no live handle owns (left by an earlier
+    /// daemon, or by an operation cut short before its pid was recorded). Returns how many.
+    async fn kill_stale(&self, id: &str) -> usize;
 }
 
 #[async_trait]
@@ -97,6 +110,13 @@ pub trait Vm: Send + Sync {
     async fn terminate(&self);
     /// Resident memory of the VMM process, in bytes.
     fn rss_bytes(&self) -> Option<u64>;
+    /// Stops the guest, writes a complete snapshot to `spec.run_dir` and ends the VM process.
+    /// On failure the guest is running again and nothing was sealed.
+    async fn pause_to_snapshot(&self, spec: &VmSpec) -> Result<SnapshotMeta, EngineError>;
+    /// Whether the guest's CPUs are running (not stopped, e.g. by a pause cut short).
+    async fn guest_running(&self) -> Result<bool, EngineError>;
+    /// Lets a stopped guest run again.
+    async fn continue_guest(&self) -> Result<(), EngineError>;
 }
 
 /// The last `lines` lines of a console log, for error messages.

@@ -84,6 +84,14 @@ impl Supervisor for Service {
         Ok(Response::new(crate::info::collect().map_err(|e| Status::internal(format!("{e:#}")))?))
     }
 
+    async fn set_clock(&self, req: Request<SetClockRequest>) -> Result<Response<SetClockResponse>, Status> {
+        let nanos = req.into_inner().unix_nanos;
+        let ts = nix::sys::time::TimeSpec::new(nanos.div_euclid(1_000_000_000), nanos.rem_euclid(1_000_000_000));
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+            .map_err(|e| Status::permission_denied(format!("setting the clock: {e}")))?;
+        Ok(Response::new(SetClockResponse {}))
+    }
+
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {
         let _ = self.shutdown.try_send(());
         Ok(Response::new(ShutdownResponse {}))

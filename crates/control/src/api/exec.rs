@@ -110,13 +110,16 @@ pub async fn exec_post(
         None => None,
     };
     let live = state.manager.running(&id).await?;
+    let busy = live.busy();
     let (tx, rx) = mpsc::channel(2);
     if let Some(data) = stdin_data {
         let _ = tx.send(Stdin::Data(data)).await;
     }
     let _ = tx.send(Stdin::Eof).await;
     let (_, events) = start(&live, &req, rx).await?;
-    let body = events.map(|ev| {
+    let body = events.map(move |ev| {
+        // Held for as long as output flows: a running exec keeps the sandbox from idling.
+        let _busy = &busy;
         let mut line = serde_json::to_vec(&ev).expect("event serialises");
         line.push(b'\n');
         Ok::<_, std::convert::Infallible>(Bytes::from(line))
@@ -148,6 +151,7 @@ async fn send_event(socket: &mut WebSocket, ev: &ExecEvent) -> bool {
 }
 
 async fn run_ws(mut socket: WebSocket, live: Arc<Live>) {
+    let _busy = live.busy();
     let req: ExecRequest = match socket.recv().await {
         Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
             Ok(req) => req,

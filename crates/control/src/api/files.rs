@@ -78,6 +78,7 @@ pub async fn upload(
         return Err(too_large(limit));
     }
     let live = state.manager.running(&id).await?;
+    let _busy = live.busy();
 
     let (tx, rx) = mpsc::channel::<WriteFileInput>(4);
     let header = WriteFileHeader {
@@ -153,9 +154,11 @@ pub async fn download(
     // No Content-Length: a file's size can change while it is read, and /proc files report 0.
     // The limit is enforced on the bytes that actually flow.
     let mut sent = 0u64;
+    let busy = live.busy();
     let body = stream.map(move |msg| match msg {
         Ok(m) => match m.kind {
             Some(read_file_output::Kind::Data(d)) => {
+                let _busy = &busy;
                 sent += d.len() as u64;
                 if sent > limit {
                     return Err(std::io::Error::other(format!("file grew past the limit of {limit} bytes")));

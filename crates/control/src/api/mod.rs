@@ -31,10 +31,11 @@ pub struct AppState {
     info(title = "Torpor API", description = "microVM sandboxes for AI agents"),
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::stop, sandboxes::delete, sandboxes::info,
+        sandboxes::pause, sandboxes::resume, sandboxes::connect, sandboxes::start, sandboxes::usage,
         exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health
     ),
     components(schemas(
-        Sandbox, crate::model::State, NetworkInfo, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
+        Sandbox, crate::model::State, NetworkInfo, Usage, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
         ErrorDetail, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health
     )),
     modifiers(&BearerAuth)
@@ -63,6 +64,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}", get(sandboxes::get_one).delete(sandboxes::delete))
         .route("/v1/sandboxes/{id}/stop", post(sandboxes::stop))
         .route("/v1/sandboxes/{id}/info", get(sandboxes::info))
+        .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause))
+        .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
+        .route("/v1/sandboxes/{id}/connect", post(sandboxes::connect))
+        .route("/v1/sandboxes/{id}/start", post(sandboxes::start))
+        .route("/v1/sandboxes/{id}/usage", get(sandboxes::usage))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec_post))
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(exec::signal))
@@ -133,6 +139,11 @@ mod tests {
             "/v1/sandboxes/{id}",
             "/v1/sandboxes/{id}/stop",
             "/v1/sandboxes/{id}/info",
+            "/v1/sandboxes/{id}/pause",
+            "/v1/sandboxes/{id}/resume",
+            "/v1/sandboxes/{id}/connect",
+            "/v1/sandboxes/{id}/start",
+            "/v1/sandboxes/{id}/usage",
             "/v1/sandboxes/{id}/exec",
             "/v1/sandboxes/{id}/exec/ws",
             "/v1/sandboxes/{id}/execs/{exec_id}/signal",

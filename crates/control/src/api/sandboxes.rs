@@ -7,7 +7,7 @@ use axum::Json;
 
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
-use crate::model::{CreateSandbox, Sandbox};
+use crate::model::{CreateSandbox, Sandbox, Usage};
 
 /// Runs a lifecycle operation to completion even if the client goes away: axum drops a handler
 /// whose connection closes, which would strand the sandbox halfway between two states.
@@ -95,4 +95,53 @@ pub async fn info(State(state): State<AppState>, Path(id): Path<String>) -> Resu
         kernel: i.kernel,
         hostname: i.hostname,
     }))
+}
+
+/// Snapshots the sandbox (memory, devices, disk) and ends its VM process.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", params(("id" = String, Path)), responses(
+    (status = 200, body = Sandbox), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "not running"),
+    (status = 500, body = ErrorBody, description = "the pause failed; the sandbox keeps running")))]
+pub async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    let manager = state.manager.clone();
+    Ok(Json(detached(async move { manager.pause(&id).await }).await?))
+}
+
+/// Restores a paused sandbox exactly as it was.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", params(("id" = String, Path)), responses(
+    (status = 200, body = Sandbox), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "not paused"),
+    (status = 500, body = ErrorBody, description = "the snapshot was refused (e.g. corrupt); the sandbox stays paused")))]
+pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    let manager = state.manager.clone();
+    Ok(Json(detached(async move { manager.resume(&id).await }).await?))
+}
+
+/// Makes sure the sandbox runs: resumes it if paused, does nothing if running.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/connect", params(("id" = String, Path)), responses(
+    (status = 200, body = Sandbox), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "stopped or failed")))]
+pub async fn connect(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    let manager = state.manager.clone();
+    Ok(Json(detached(async move {
+        manager.running(&id).await?;
+        manager.get(&id).await
+    })
+    .await?))
+}
+
+/// Cold-boots a stopped (or failed) sandbox from its disk.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/start", params(("id" = String, Path)), responses(
+    (status = 200, body = Sandbox), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "not stopped or failed")))]
+pub async fn start(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    let manager = state.manager.clone();
+    Ok(Json(detached(async move { manager.start(&id).await }).await?))
+}
+
+/// Running time, vCPU and memory use, and bytes stored while paused: what a bill is made of.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/usage", params(("id" = String, Path)), responses(
+    (status = 200, body = Usage), (status = 404, body = ErrorBody)))]
+pub async fn usage(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Usage>, ApiError> {
+    Ok(Json(state.manager.usage(&id).await?))
 }

@@ -41,8 +41,16 @@ pub fn args(spec: &VmSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-name".into(),
         process_name(&spec.id),
+        // Guest RAM lives in a shared file mapping, so a pause writes no RAM and a paused sandbox
+        // holds none: only pages the guest touched are ever allocated in the file.
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+            spec.memory_mib,
+            p(&crate::snapshot::memory_file(&spec.run_dir))
+        ),
         "-machine".into(),
-        "microvm".into(),
+        "microvm,memory-backend=mem".into(),
         "-accel".into(),
         accel.to_string(),
         "-cpu".into(),
@@ -118,6 +126,16 @@ mod tests {
         assert_eq!(value_after(&args, "-cpu"), "max");
         assert_eq!(value_after(&args, "-name"), "torpor-sb-abc");
         assert_eq!(value_after(&super::args(&spec(), Accel::Kvm, None), "-cpu"), "host");
+    }
+
+    #[test]
+    fn ram_is_a_shared_file_in_the_run_dir() {
+        let args = args(&spec(), Accel::Tcg, None);
+        assert_eq!(
+            value_after(&args, "-object"),
+            "memory-backend-file,id=mem,size=512M,mem-path=/data/sandboxes/sb-abc/mem.ram,share=on"
+        );
+        assert_eq!(value_after(&args, "-machine"), "microvm,memory-backend=mem");
     }
 
     #[test]

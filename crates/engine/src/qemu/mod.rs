@@ -12,6 +12,9 @@ use async_trait::async_trait;
 use nix::sched::CloneFlags;
 
 use crate::process::{self, ExitWatch};
+use serde_json::json;
+
+use crate::snapshot::{self, SnapshotMeta};
 use crate::{Accel, Engine, EngineError, Vm, VmExit, VmSpec};
 pub use cmdline::process_name;
 use qmp::Qmp;
@@ -39,6 +42,81 @@ impl QemuEngine {
             Accel::Kvm => None,
         };
         Ok(Self { binary: path, accel, tsc_khz })
+    }
+}
+
+impl QemuEngine {
+    /// Starts QEMU for `spec` with `extra` arguments; returns once QMP answers.
+    async fn spawn(&self, spec: &VmSpec, extra: &[&str]) -> Result<QemuVm, EngineError> {
+        let qmp_path = cmdline::qmp_socket(spec);
+        let _ = std::fs::remove_file(&qmp_path);
+        let log_path = spec.run_dir.join("qemu.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| EngineError::Io { context: format!("opening {}", log_path.display()), source })?;
+        let log_err = log.try_clone().map_err(|source| EngineError::Io { context: "duplicating log fd".into(), source })?;
+        let netns = std::fs::File::open(&spec.netns_path).map_err(|source| EngineError::Io {
+            context: format!("opening network namespace {}", spec.netns_path.display()),
+            source,
+        })?;
+        let netns_fd = netns.as_raw_fd();
+
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(cmdline::args(spec, self.accel, self.tsc_khz)).args(extra)
+            .current_dir(&spec.run_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(false);
+        // SAFETY: setns and setsid are async-signal-safe; the fd stays open until after spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The tap lives in the sandbox's namespace, so QEMU must be there to open it.
+                nix::sched::setns(std::os::fd::BorrowedFd::borrow_raw(netns_fd), CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                // Its own session: signals aimed at the daemon's terminal or group never reach it,
+                // so sandboxes outlive a daemon restart.
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(EngineError::Spawn)?;
+        drop(netns);
+        let pid = child.id().ok_or_else(|| EngineError::EarlyExit("no pid".into()))?;
+        let exit = ExitWatch::child(child);
+        let vm = QemuVm { pid, exit, qmp_path };
+        if let Err(e) = vm.wait_for_qmp().await {
+            vm.terminate().await;
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(match e {
+                EngineError::EarlyExit(why) => EngineError::EarlyExit(format!("{why}: {}", log.trim())),
+                other => other,
+            });
+        }
+        tracing::debug!(id = %spec.id, pid, "VM process started");
+        Ok(vm)
+    }
+
+}
+
+/// Leave RAM that lives in a shared file out of the migration stream: the file already is the RAM.
+fn ignore_shared() -> serde_json::Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+/// Polls `query-migrate` until the migration ends; `Err` carries QEMU's reason.
+async fn wait_for_migration(qmp: &mut Qmp) -> Result<(), String> {
+    loop {
+        let info = qmp.execute("query-migrate", None).await.map_err(|e| e.to_string())?;
+        match info["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(info["error-desc"].as_str().unwrap_or("no reason given").to_owned());
+            }
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
     }
 }
 
@@ -83,59 +161,38 @@ impl Engine for QemuEngine {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
-        let qmp_path = cmdline::qmp_socket(spec);
-        let _ = std::fs::remove_file(&qmp_path);
-        let log_path = spec.run_dir.join("qemu.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|source| EngineError::Io { context: format!("opening {}", log_path.display()), source })?;
-        let log_err = log.try_clone().map_err(|source| EngineError::Io { context: "duplicating log fd".into(), source })?;
-        let netns = std::fs::File::open(&spec.netns_path).map_err(|source| EngineError::Io {
-            context: format!("opening network namespace {}", spec.netns_path.display()),
-            source,
-        })?;
-        let netns_fd = netns.as_raw_fd();
+        Ok(Box::new(self.spawn(spec, &[]).await?))
+    }
 
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(cmdline::args(spec, self.accel, self.tsc_khz))
-            .current_dir(&spec.run_dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .kill_on_drop(false);
-        // SAFETY: setns and setsid are async-signal-safe; the fd stays open until after spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                // The tap lives in the sandbox's namespace, so QEMU must be there to open it.
-                nix::sched::setns(std::os::fd::BorrowedFd::borrow_raw(netns_fd), CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
-                // Its own session: signals aimed at the daemon's terminal or group never reach it,
-                // so sandboxes outlive a daemon restart.
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(EngineError::Spawn)?;
-        drop(netns);
-        let pid = child.id().ok_or_else(|| EngineError::EarlyExit("no pid".into()))?;
-        let exit = ExitWatch::child(child);
-        let vm = QemuVm { pid, exit, qmp_path };
-        if let Err(e) = vm.wait_for_qmp().await {
+    async fn restore(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
+        snapshot::verify(&spec.run_dir, spec.vcpus, spec.memory_mib)?;
+        // -S: the CPUs stay stopped after the state is loaded until we say `cont`.
+        let vm = self.spawn(spec, &["-incoming", "defer", "-S"]).await?;
+        let loaded = async {
+            let mut qmp = Qmp::connect(&vm.qmp_path).await?;
+            qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+            let uri = format!("exec:cat {}", snapshot::state_file(&spec.run_dir).display());
+            qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
+            wait_for_migration(&mut qmp).await.map_err(EngineError::Load)?;
+            // From `cont` on the guest writes to mem.ram: the snapshot stops existing first, so
+            // nothing can ever restore a half-used one.
+            snapshot::consume(&spec.run_dir);
+            qmp.execute("cont", None).await?;
+            Ok::<_, EngineError>(())
+        };
+        if let Err(e) = loaded.await {
             vm.terminate().await;
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(match e {
-                EngineError::EarlyExit(why) => EngineError::EarlyExit(format!("{why}: {}", log.trim())),
-                other => other,
-            });
+            return Err(e);
         }
-        tracing::debug!(id = %spec.id, pid, "VM process started");
         Ok(Box::new(vm))
     }
 
-    async fn kill_stale(&self, id: &str, pid: u32) -> bool {
-        kill_stale_vm(id, pid).await
+    fn find_vm(&self, id: &str) -> Option<u32> {
+        process::pids_with_arg(&process_name(id)).first().copied()
+    }
+
+    async fn kill_stale(&self, id: &str) -> usize {
+        kill_stale_vms(id).await
     }
 
     async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, EngineError> {
@@ -150,16 +207,18 @@ impl Engine for QemuEngine {
     }
 }
 
-/// Kills `pid` if it is the QEMU process of sandbox `id` (checked by its `-name`), and waits for
-/// it to go. Needs no engine instance: usable even when QEMU has been uninstalled since.
-pub async fn kill_stale_vm(id: &str, pid: u32) -> bool {
-    if !is_vm_of(id, pid) {
-        return false;
+/// Kills every QEMU process of sandbox `id` (found by its `-name` argument, so a VM whose pid was
+/// never recorded is found too) and waits for each to go. Returns how many it killed. Needs no
+/// engine instance: usable even when QEMU has been uninstalled since.
+pub async fn kill_stale_vms(id: &str) -> usize {
+    let mut killed = 0;
+    for pid in process::pids_with_arg(&process_name(id)) {
+        let Ok(exit) = ExitWatch::pid(pid) else { continue };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = tokio::time::timeout(QUIT_GRACE, exit.wait()).await;
+        killed += 1;
     }
-    let Ok(exit) = ExitWatch::pid(pid) else { return false };
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-    let _ = tokio::time::timeout(QUIT_GRACE, exit.wait()).await;
-    true
+    killed
 }
 
 fn is_vm_of(id: &str, pid: u32) -> bool {
@@ -220,5 +279,49 @@ impl Vm for QemuVm {
 
     fn rss_bytes(&self) -> Option<u64> {
         process::rss_bytes(self.pid)
+    }
+
+    async fn pause_to_snapshot(&self, spec: &VmSpec) -> Result<SnapshotMeta, EngineError> {
+        let tmp = snapshot::state_temp_file(&spec.run_dir);
+        let _ = std::fs::remove_file(&tmp);
+        let mut qmp = Qmp::connect(&self.qmp_path).await?;
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+        // 7.2's default of 32 MiB/s would make even the small device state crawl.
+        qmp.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": 100u64 << 30 }))).await?;
+        qmp.execute("stop", None).await?;
+        let saved = async {
+            let uri = format!("exec:cat > {}", tmp.display());
+            qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+            wait_for_migration(&mut qmp).await.map_err(EngineError::Save)?;
+            // Sealed while the guest is stopped but QEMU still alive: if sealing fails (disk
+            // full), the guest simply runs on.
+            Ok::<_, EngineError>(snapshot::seal(&spec.run_dir, "qemu", spec.vcpus, spec.memory_mib)?)
+        };
+        let meta = match saved.await {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                qmp.execute("cont", None).await?;
+                return Err(e);
+            }
+        };
+        let _ = qmp.execute("quit", None).await;
+        if tokio::time::timeout(QUIT_GRACE, self.exit.wait()).await.is_err() {
+            self.kill();
+            let _ = tokio::time::timeout(QUIT_GRACE, self.exit.wait()).await;
+        }
+        Ok(meta)
+    }
+
+    async fn guest_running(&self) -> Result<bool, EngineError> {
+        let mut qmp = Qmp::connect(&self.qmp_path).await?;
+        let status = qmp.execute("query-status", None).await?;
+        Ok(status["running"].as_bool().unwrap_or(false))
+    }
+
+    async fn continue_guest(&self) -> Result<(), EngineError> {
+        let mut qmp = Qmp::connect(&self.qmp_path).await?;
+        qmp.execute("cont", None).await?;
+        Ok(())
     }
 }

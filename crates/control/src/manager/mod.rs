@@ -1,10 +1,16 @@
-//! Sandbox lifecycle: create, stop, delete, watch for VM death, and adopt running sandboxes
-//! after a daemon restart. The store is the source of truth; `live` holds the handles of VMs this
-//! daemon is responsible for right now.
+//! Sandbox lifecycle: create, stop, delete, watch for VM death (here), pause, resume, wake on use
+//! and auto-pause (`suspend.rs`), and adopting sandboxes after a daemon restart (`reconcile.rs`).
+//! The store is the source of truth; `live` holds the handles of VMs this daemon is responsible
+//! for right now.
+
+mod reconcile;
+mod suspend;
+
+pub use reconcile::Reconciled;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +37,53 @@ pub struct Live {
     pub guest: GuestClient,
     /// Set before the daemon itself ends the VM, so the exit is not reported as a failure.
     stopping: AtomicBool,
+    /// Milliseconds since the epoch of the last API call, exec or transfer touching the sandbox.
+    last_activity_ms: AtomicU64,
+    /// Execs and file transfers in flight; a sandbox with any is never idle.
+    in_flight: AtomicUsize,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Live {
+    fn new(vm: Box<dyn Vm>, net: SandboxNet, guest: GuestClient) -> Arc<Self> {
+        Arc::new(Self {
+            vm,
+            net,
+            guest,
+            stopping: AtomicBool::new(false),
+            last_activity_ms: AtomicU64::new(now_ms()),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn touch(&self) {
+        self.last_activity_ms.store(now_ms(), Ordering::SeqCst);
+    }
+
+    /// Marks work in flight until the guard is dropped; the sandbox is not idle meanwhile.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    fn idle_for_ms(&self) -> Option<u64> {
+        (self.in_flight.load(Ordering::SeqCst) == 0)
+            .then(|| now_ms().saturating_sub(self.last_activity_ms.load(Ordering::SeqCst)))
+    }
+}
+
+/// See [`Live::busy`].
+pub struct Busy(Arc<Live>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct Manager {
@@ -41,16 +94,9 @@ pub struct Manager {
     images: ImageStore,
     pool: AddressPool,
     live: Mutex<HashMap<String, Arc<Live>>>,
-}
-
-/// What `reconcile` found at start-up.
-#[derive(Debug, Default, PartialEq)]
-pub struct Reconciled {
-    pub adopted: Vec<String>,
-    /// Sandboxes marked failed because their VM could not be adopted, with the reason.
-    pub failed: Vec<(String, String)>,
-    /// Leftovers of sandboxes that have no record (removed).
-    pub orphans: Vec<String>,
+    /// One lifecycle operation per sandbox at a time (pause, resume, start): N requests that
+    /// wake a paused sandbox queue here and cause exactly one resume.
+    op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Manager {
@@ -63,6 +109,7 @@ impl Manager {
             engine,
             pool,
             live: Mutex::new(HashMap::new()),
+            op_locks: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -106,7 +153,8 @@ impl Manager {
     }
 
     pub fn to_api(&self, rec: &Record) -> Sandbox {
-        let alive = matches!(rec.state, State::Running | State::Creating | State::Stopping);
+        let alive = matches!(rec.state, State::Running | State::Creating | State::Stopping | State::Pausing | State::Resuming);
+        let reachable = alive || rec.state == State::Paused;
         Sandbox {
             id: rec.id.clone(),
             state: rec.state,
@@ -117,9 +165,10 @@ impl Manager {
             env_keys: rec.env.keys().cloned().collect(),
             accelerator: rec.accel.clone(),
             pid: if alive { rec.pid } else { None },
+            idle_timeout_secs: rec.idle_timeout_secs,
             network: NetworkInfo {
                 guest_ip: torpor_proto::GUEST_IP.into(),
-                host_address: alive.then(|| self.net_for(rec).supervisor_addr().to_string()),
+                host_address: reachable.then(|| self.net_for(rec).supervisor_addr().to_string()),
             },
             created_at: rec.created_at,
             updated_at: rec.updated_at,
@@ -141,18 +190,12 @@ impl Manager {
         Ok(self.store.list().await?.iter().map(|r| self.to_api(r)).collect())
     }
 
-    /// The live handle of a running sandbox, or why there is none.
-    pub async fn running(&self, id: &str) -> Result<Arc<Live>, ApiError> {
-        let rec = self.record(id).await?;
-        if rec.state != State::Running {
-            return Err(ApiError::conflict(format!("sandbox {id} is {}; it must be running", rec.state)));
-        }
-        self.live
-            .lock()
-            .expect("live table poisoned")
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ApiError::conflict(format!("sandbox {id} is not running on this daemon")))
+    fn live_handle(&self, id: &str) -> Option<Arc<Live>> {
+        self.live.lock().expect("live table poisoned").get(id).cloned()
+    }
+
+    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.op_locks.lock().expect("lock table poisoned").entry(id.to_owned()).or_default().clone()
     }
 
     pub async fn create(self: &Arc<Self>, req: ValidCreate) -> Result<Sandbox, ApiError> {
@@ -173,6 +216,8 @@ impl Manager {
             accel: engine.accel().to_string(),
             created_at: now,
             updated_at: now,
+            idle_timeout_secs: req.idle_timeout_secs,
+            meter: Default::default(),
         };
         rec.slot = self.store.insert(&rec, self.pool.capacity()).await.map_err(|e| match e {
             StoreError::PoolExhausted(_) => ApiError::unavailable(e.to_string()),
@@ -182,9 +227,7 @@ impl Manager {
         tracing::info!(%id, vcpus = rec.vcpus, memory_mib = rec.memory_mib, "creating sandbox");
         match self.boot(&engine, &rec).await {
             Ok(live) => {
-                self.live.lock().expect("live table poisoned").insert(id.clone(), live.clone());
-                self.store.transition(&id, &[State::Creating], State::Running, None).await?;
-                tokio::spawn(self.clone().monitor(id.clone(), live));
+                self.go_live(&id, live, State::Creating).await?;
                 tracing::info!(%id, "sandbox running");
                 self.get(&id).await
             }
@@ -234,14 +277,21 @@ impl Manager {
             let _ = net.teardown().await;
             return Err(e);
         }
-        Ok(Arc::new(Live { vm, net, guest, stopping: AtomicBool::new(false) }))
+        Ok(Live::new(vm, net, guest))
     }
 
     async fn start_vm(&self, engine: &Arc<dyn Engine>, spec: &VmSpec) -> Result<Box<dyn Vm>, ApiError> {
         engine.prepare_disk(spec).await.map_err(|e| ApiError::internal(e.to_string()))?;
         let vm = engine.launch(spec).await.map_err(|e| ApiError::internal(e.to_string()))?;
-        let _ = std::fs::write(spec.run_dir.join("vm.pid"), vm.pid().to_string());
         Ok(vm)
+    }
+
+    /// Starts watching a VM that is now live and running.
+    async fn go_live(self: &Arc<Self>, id: &str, live: Arc<Live>, from: State) -> Result<(), ApiError> {
+        self.live.lock().expect("live table poisoned").insert(id.to_owned(), live.clone());
+        self.store.transition(id, &[from], State::Running, None).await?;
+        tokio::spawn(self.clone().monitor(id.to_owned(), live));
+        Ok(())
     }
 
     /// Marks the sandbox failed if its VM dies without the daemon asking it to.
@@ -265,7 +315,10 @@ impl Manager {
         tracing::warn!(%id, %reason, "sandbox VM died");
         let _ = live.net.teardown().await;
         let _ = self.store.set_pid(&id, None).await;
-        let _ = self.store.transition(&id, &[State::Running, State::Creating], State::Failed, Some(&reason)).await;
+        let _ = self
+            .store
+            .transition(&id, &[State::Running, State::Creating, State::Pausing, State::Resuming], State::Failed, Some(&reason))
+            .await;
     }
 
     fn take_live(&self, id: &str) -> Option<Arc<Live>> {
@@ -278,22 +331,28 @@ impl Manager {
 
     /// Shuts the guest down cleanly (then forcibly if it does not comply). The disk is kept.
     pub async fn stop(&self, id: &str) -> Result<Sandbox, ApiError> {
-        self.record(id).await?;
-        match self.store.transition(id, &[State::Running], State::Stopping, None).await? {
+        let rec = self.record(id).await?;
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let from = [State::Running, State::Paused];
+        match self.store.transition(id, &from, State::Stopping, None).await? {
             None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
-            Some(State::Running) => {}
+            Some(s) if from.contains(&s) => {}
             Some(other) => {
-                return Err(ApiError::conflict(format!("sandbox {id} is {other}; only a running sandbox can be stopped")))
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is {other}; only a running or paused sandbox can be stopped"
+                )))
             }
         }
-        if let Err(e) = self.stop_running(id).await {
-            self.fail_after(id, "stopping", &e).await;
+        if let Err(e) = self.stop_running(&rec).await {
+            self.fail_after_transient(id, State::Stopping, "stopping", &e).await;
             return Err(e);
         }
         self.get(id).await
     }
 
-    async fn stop_running(&self, id: &str) -> Result<(), ApiError> {
+    async fn stop_running(&self, rec: &Record) -> Result<(), ApiError> {
+        let id = rec.id.as_str();
         if let Some(live) = self.take_live(id) {
             let graceful = live.guest.shutdown(Duration::from_secs(5)).await.is_ok()
                 && tokio::time::timeout(SHUTDOWN_GRACE, live.vm.wait_exit()).await.is_ok();
@@ -301,23 +360,16 @@ impl Manager {
                 tracing::warn!(%id, "guest did not power off cleanly; terminating the VM");
                 live.vm.terminate().await;
             }
-            live.net.teardown().await.map_err(|e| ApiError::internal(e.to_string()))?;
         }
+        // A paused sandbox's memory snapshot has no meaning once it is stopped; the disk stays.
+        torpor_engine::snapshot::discard(&self.run_dir(id));
+        self.net_for(rec).teardown().await.map_err(|e| ApiError::internal(e.to_string()))?;
         self.finish_stop(id).await
-    }
-
-    /// A lifecycle operation failed halfway: the sandbox must not stay in a transient state.
-    async fn fail_after(&self, id: &str, what: &str, e: &ApiError) {
-        let reason = format!("{what} failed: {}", e.message);
-        tracing::error!(%id, %reason);
-        let _ = self.store.transition(id, &[State::Stopping], State::Failed, Some(&reason)).await;
     }
 
     async fn finish_stop(&self, id: &str) -> Result<(), ApiError> {
         let dir = self.run_dir(id);
-        for file in ["qmp.sock", "vm.pid"] {
-            let _ = std::fs::remove_file(dir.join(file));
-        }
+        let _ = std::fs::remove_file(dir.join("qmp.sock"));
         self.store.set_pid(id, None).await?;
         self.store.transition(id, &[State::Stopping], State::Stopped, None).await?;
         Ok(())
@@ -326,14 +378,16 @@ impl Manager {
     /// Removes the sandbox and everything it owns.
     pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
         let rec = self.record(id).await?;
-        let from = [State::Running, State::Stopped, State::Failed];
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let from = [State::Running, State::Paused, State::Stopped, State::Failed];
         match self.store.transition(id, &from, State::Stopping, None).await? {
             Some(s) if from.contains(&s) => {}
             Some(other) => return Err(ApiError::conflict(format!("sandbox {id} is {other}; try again when it settles"))),
             None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
         }
         if let Err(e) = self.remove_everything(&rec).await {
-            self.fail_after(id, "deleting", &e).await;
+            self.fail_after_transient(id, State::Stopping, "deleting", &e).await;
             return Err(e);
         }
         tracing::info!(%id, "sandbox removed");
@@ -353,110 +407,20 @@ impl Manager {
                 .map_err(|e| ApiError::internal(format!("removing {}: {e}", dir.display())))?;
         }
         self.store.delete(id).await?;
+        self.op_locks.lock().expect("lock table poisoned").remove(id);
         Ok(())
     }
 
-    /// Kills a VM of this sandbox that no live handle owns (left by an earlier daemon, or by a
-    /// create cut short before its pid was recorded).
+    /// Kills any VM of this sandbox that no live handle owns (left by an earlier daemon, or by
+    /// an operation cut short before its pid was recorded).
     async fn kill_stale(&self, rec: &Record) {
-        let pid = rec.pid.or_else(|| {
-            std::fs::read_to_string(self.run_dir(&rec.id).join("vm.pid")).ok().and_then(|p| p.trim().parse().ok())
-        });
-        let Some(pid) = pid else { return };
         match self.engine() {
-            Ok(engine) => {
-                engine.kill_stale(&rec.id, pid).await;
-            }
+            Ok(engine) => engine.kill_stale(&rec.id).await,
             // QEMU was uninstalled since: its processes can still be running, and still must go.
-            Err(_) => {
-                torpor_engine::qemu::kill_stale_vm(&rec.id, pid).await;
-            }
-        }
+            Err(_) => torpor_engine::qemu::kill_stale_vms(&rec.id).await,
+        };
     }
 
-    /// Brings the store and the host into agreement after a (re)start: adopts VMs that are still
-    /// running, fails the ones that are gone, finishes interrupted stops, removes leftovers.
-    pub async fn reconcile(self: &Arc<Self>) -> Result<Reconciled, ApiError> {
-        let mut report = Reconciled::default();
-        let records = self.store.list().await?;
-        for rec in &records {
-            let net = self.net_for(rec);
-            match rec.state {
-                State::Running => match self.adopt(rec, &net).await {
-                    Ok(()) => report.adopted.push(rec.id.clone()),
-                    Err(why) => {
-                        let reason = format!("could not adopt the VM after a daemon restart: {why}");
-                        tracing::warn!(id = %rec.id, %reason);
-                        self.kill_leftovers(rec, &net).await;
-                        self.store.transition(&rec.id, &[State::Running], State::Failed, Some(&reason)).await?;
-                        report.failed.push((rec.id.clone(), reason));
-                    }
-                },
-                State::Creating => {
-                    let reason = "the daemon stopped while the sandbox was being created".to_owned();
-                    self.kill_leftovers(rec, &net).await;
-                    self.store.transition(&rec.id, &[State::Creating], State::Failed, Some(&reason)).await?;
-                    report.failed.push((rec.id.clone(), reason));
-                }
-                State::Stopping => {
-                    self.kill_leftovers(rec, &net).await;
-                    self.finish_stop(&rec.id).await?;
-                }
-                State::Stopped | State::Failed => {
-                    let _ = net.teardown().await;
-                }
-            }
-        }
-        report.orphans = self.remove_orphans(&records).await;
-        Ok(report)
-    }
-
-    async fn adopt(self: &Arc<Self>, rec: &Record, net: &SandboxNet) -> Result<(), String> {
-        let engine = self.engine.clone()?;
-        let pid = rec.pid.ok_or("no VM pid was recorded")?;
-        if !net.exists() {
-            return Err(format!("its network namespace {} is gone", net.netns));
-        }
-        let spec = self.spec(rec);
-        let vm = engine.adopt(&spec, pid).await.map_err(|e| e.to_string())?;
-        let secret = std::fs::read_to_string(&spec.secret_file).map_err(|e| format!("reading its secret: {e}"))?;
-        let guest = GuestClient::new(net.supervisor_addr(), secret.trim());
-        guest.health(Duration::from_secs(5)).await.map_err(|e| format!("supervisor health check: {}", e.message()))?;
-        let live = Arc::new(Live { vm, net: net.clone(), guest, stopping: AtomicBool::new(false) });
-        self.live.lock().expect("live table poisoned").insert(rec.id.clone(), live.clone());
-        tokio::spawn(self.clone().monitor(rec.id.clone(), live));
-        tracing::info!(id = %rec.id, pid, "adopted running sandbox");
-        Ok(())
-    }
-
-    async fn kill_leftovers(&self, rec: &Record, net: &SandboxNet) {
-        self.kill_stale(rec).await;
-        let _ = net.teardown().await;
-        let _ = self.store.set_pid(&rec.id, None).await;
-    }
-
-    /// Sandbox directories in our data dir without a record: a create that died before its
-    /// record was written, or a delete that died after. Their VM and network go too.
-    async fn remove_orphans(&self, records: &[Record]) -> Vec<String> {
-        let mut orphans = Vec::new();
-        let Ok(entries) = std::fs::read_dir(self.cfg.sandboxes_dir()) else { return orphans };
-        for entry in entries.flatten() {
-            let id = entry.file_name().to_string_lossy().into_owned();
-            if records.iter().any(|r| r.id == id) || !crate::model::is_valid_sandbox_id(&id) {
-                continue;
-            }
-            let pid = std::fs::read_to_string(entry.path().join("vm.pid")).ok().and_then(|p| p.trim().parse().ok());
-            if let Some(pid) = pid {
-                torpor_engine::qemu::kill_stale_vm(&id, pid).await;
-            }
-            let unspecified = std::net::Ipv4Addr::UNSPECIFIED;
-            let _ = SandboxNet::new(&id, unspecified, unspecified).teardown().await;
-            let _ = std::fs::remove_dir_all(entry.path());
-            tracing::warn!(%id, "removed leftovers of a sandbox with no record");
-            orphans.push(id);
-        }
-        orphans
-    }
 }
 
 async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Duration) -> Result<(), String> {

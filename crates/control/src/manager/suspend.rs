@@ -1,0 +1,249 @@
+//! Pause, resume, wake on use, cold start, auto-pause and usage.
+//!
+//! A paused sandbox has no process at all: its RAM is a file, its device state a small snapshot
+//! (see `torpor_engine::snapshot`), its network namespace an idle kernel object. Every operation
+//! here holds the sandbox's op lock, so concurrent callers that find it paused cause one resume.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use torpor_engine::snapshot;
+
+use super::{wait_healthy, Live, Manager};
+use crate::error::ApiError;
+use crate::guest::GuestClient;
+use crate::model::{Sandbox, State, Usage};
+use crate::store::Record;
+
+/// How often the auto-pause sweep looks for idle sandboxes.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
+
+impl Manager {
+    /// Snapshots a running sandbox and ends its VM process.
+    pub async fn pause(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let rec = self.record(id).await?;
+        match self.store.transition(id, &[State::Running], State::Pausing, None).await? {
+            Some(State::Running) => {}
+            Some(other) => {
+                return Err(ApiError::conflict(format!("sandbox {id} is {other}; only a running sandbox can be paused")))
+            }
+            None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
+        }
+        let Some(live) = self.live_handle(id) else {
+            let e = ApiError::internal(format!("sandbox {id} has no live VM on this daemon"));
+            self.fail_after_transient(id, State::Pausing, "pausing", &e).await;
+            return Err(e);
+        };
+        // The VM is about to exit on purpose.
+        live.stopping.store(true, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        match live.vm.pause_to_snapshot(&self.spec(&rec)).await {
+            Ok(meta) => {
+                self.live.lock().expect("live table poisoned").remove(id);
+                let dir = self.run_dir(id);
+                let _ = std::fs::remove_file(dir.join("qmp.sock"));
+                self.store.set_pid(id, None).await?;
+                self.store.set_paused_bytes(id, dir_bytes_on_disk(&dir)).await?;
+                self.store.transition(id, &[State::Pausing], State::Paused, None).await?;
+                tracing::info!(%id, ms = started.elapsed().as_millis() as u64, state_bytes = meta.state_bytes, "sandbox paused");
+                self.get(id).await
+            }
+            Err(e) => {
+                let e = ApiError::internal(format!("pausing sandbox {id} failed: {e}"));
+                if live.vm.guest_running().await.unwrap_or(false) {
+                    live.stopping.store(false, Ordering::SeqCst);
+                    self.store.transition(id, &[State::Pausing], State::Running, None).await?;
+                    tracing::warn!(%id, error = %e.message, "pause failed; the sandbox keeps running");
+                    Err(ApiError::internal(format!("{}; the sandbox keeps running", e.message)))
+                } else {
+                    live.vm.terminate().await;
+                    self.live.lock().expect("live table poisoned").remove(id);
+                    self.fail_after_transient(id, State::Pausing, "pausing", &e).await;
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Resumes a paused sandbox; 409 if it is not paused.
+    pub async fn resume(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let rec = self.record(id).await?;
+        if rec.state != State::Paused {
+            return Err(ApiError::conflict(format!("sandbox {id} is {}; only a paused sandbox can be resumed", rec.state)));
+        }
+        self.resume_locked(&rec).await?;
+        self.get(id).await
+    }
+
+    /// The live handle of a sandbox, resuming it first if it is paused (wake on use).
+    pub async fn running(self: &Arc<Self>, id: &str) -> Result<Arc<Live>, ApiError> {
+        if let Some(live) = self.live_handle(id) {
+            if self.record(id).await?.state == State::Running {
+                live.touch();
+                return Ok(live);
+            }
+        }
+        // Detached: a caller that gives up must not cut a resume short.
+        let (manager, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move { manager.wake(&id).await })
+            .await
+            .unwrap_or_else(|e| Err(ApiError::internal(format!("resume task failed: {e}"))))
+    }
+
+    async fn wake(self: &Arc<Self>, id: &str) -> Result<Arc<Live>, ApiError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let rec = self.record(id).await?;
+        match rec.state {
+            State::Running => {}
+            State::Paused => self.resume_locked(&rec).await?,
+            other => return Err(ApiError::conflict(format!("sandbox {id} is {other}; it must be running or paused"))),
+        }
+        let live = self
+            .live_handle(id)
+            .ok_or_else(|| ApiError::conflict(format!("sandbox {id} is not running on this daemon")))?;
+        live.touch();
+        Ok(live)
+    }
+
+    async fn resume_locked(self: &Arc<Self>, rec: &Record) -> Result<(), ApiError> {
+        let id = rec.id.as_str();
+        let engine = self.engine()?;
+        self.store.transition(id, &[State::Paused], State::Resuming, None).await?;
+        let started = std::time::Instant::now();
+        let net = self.net_for(rec);
+        if !net.exists() {
+            // The namespace does not survive a host reboot; the snapshot does.
+            if let Err(e) = net.setup().await {
+                self.store.transition(id, &[State::Resuming], State::Paused, None).await?;
+                return Err(ApiError::internal(format!("setting up the sandbox network: {e}")));
+            }
+        }
+        let spec = self.spec(rec);
+        let vm = match engine.restore(&spec).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                let e = ApiError::internal(format!("resuming sandbox {id} failed: {e}"));
+                if snapshot::exists(&spec.run_dir) {
+                    // Nothing was used up: the sandbox is paused as before and may be retried.
+                    self.store.transition(id, &[State::Resuming], State::Paused, None).await?;
+                    return Err(e);
+                }
+                self.fail_after_transient(id, State::Resuming, "resuming", &e).await;
+                return Err(e);
+            }
+        };
+        self.store.set_pid(id, Some(vm.pid())).await?;
+        let secret = std::fs::read_to_string(&spec.secret_file)
+            .map_err(|e| ApiError::internal(format!("reading the sandbox secret: {e}")))?;
+        let guest = GuestClient::new(net.supervisor_addr(), secret.trim());
+        let ready = async {
+            wait_healthy(&guest, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs)).await?;
+            // The guest's wall clock stood still while it was paused.
+            guest.sync_clock().await.map_err(|e| format!("setting the guest clock: {}", e.message()))
+        };
+        if let Err(why) = ready.await {
+            vm.terminate().await;
+            let e = ApiError::internal(format!("sandbox {id} did not come back after resume: {why}"));
+            self.fail_after_transient(id, State::Resuming, "resuming", &e).await;
+            return Err(e);
+        }
+        self.store.count_resume(id).await?;
+        self.go_live(id, Live::new(vm, net, guest), State::Resuming).await?;
+        tracing::info!(%id, ms = started.elapsed().as_millis() as u64, "sandbox resumed");
+        Ok(())
+    }
+
+    /// Cold-boots a stopped or failed sandbox from its disk.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let rec = self.record(id).await?;
+        let from = [State::Stopped, State::Failed];
+        match self.store.transition(id, &from, State::Creating, None).await? {
+            Some(s) if from.contains(&s) => {}
+            Some(other) => {
+                return Err(ApiError::conflict(format!("sandbox {id} is {other}; only a stopped or failed sandbox can be started")))
+            }
+            None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
+        }
+        let engine = self.engine()?;
+        self.kill_stale(&rec).await;
+        snapshot::discard(&self.run_dir(id));
+        let _ = self.net_for(&rec).teardown().await;
+        match self.boot(&engine, &rec).await {
+            Ok(live) => {
+                self.go_live(id, live, State::Creating).await?;
+                self.get(id).await
+            }
+            Err(e) => {
+                self.fail_after_transient(id, State::Creating, "starting", &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A lifecycle operation failed halfway: record why instead of staying in `from`.
+    pub(super) async fn fail_after_transient(&self, id: &str, from: State, what: &str, e: &ApiError) {
+        let reason = format!("{what} failed: {}", e.message);
+        tracing::error!(%id, %reason);
+        let _ = self.store.set_pid(id, None).await;
+        let _ = self.store.transition(id, &[from], State::Failed, Some(&reason)).await;
+    }
+
+    pub async fn usage(&self, id: &str) -> Result<Usage, ApiError> {
+        let rec = self.record(id).await?;
+        let (running_ms, paused_byte_ms) = rec.meter.totals(Utc::now());
+        let running_seconds = running_ms as f64 / 1000.0;
+        Ok(Usage {
+            id: rec.id.clone(),
+            running_seconds,
+            vcpu_seconds: running_seconds * f64::from(rec.vcpus),
+            memory_gib_seconds: running_seconds * f64::from(rec.memory_mib) / 1024.0,
+            paused_bytes: if rec.state == State::Paused { rec.meter.paused_bytes } else { 0 },
+            paused_byte_seconds: paused_byte_ms / 1000.0,
+            storage_bytes: dir_bytes_on_disk(&self.run_dir(id)),
+            resumes: rec.meter.resumes,
+        })
+    }
+
+    /// Pauses sandboxes idle past their timeout, forever. Idle means no API call, no exec or
+    /// transfer in flight.
+    pub async fn auto_pause(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(IDLE_SWEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let candidates: Vec<(String, Arc<Live>)> =
+                self.live.lock().expect("live table poisoned").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            for (id, live) in candidates {
+                let Some(idle_ms) = live.idle_for_ms() else { continue };
+                let Ok(Some(rec)) = self.store.get(&id).await else { continue };
+                if rec.state != State::Running || rec.idle_timeout_secs == 0 || idle_ms < rec.idle_timeout_secs * 1000 {
+                    continue;
+                }
+                let manager = self.clone();
+                tokio::spawn(async move {
+                    tracing::info!(%id, idle_secs = idle_ms / 1000, "auto-pausing idle sandbox");
+                    if let Err(e) = manager.pause(&id).await {
+                        tracing::warn!(%id, error = %e.message, "auto-pause failed");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Allocated bytes of every file in a sandbox's directory (sparse files count what they hold).
+pub(super) fn dir_bytes_on_disk(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.blocks() * 512).sum())
+        .unwrap_or(0)
+}
