@@ -28,9 +28,19 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Cold create, pause, resume → first exec (for 256 MiB and 2 GiB guests side by side),
+    /// bytes on disk per paused sandbox, and host memory held by paused sandboxes.
+    Lifecycle {
+        /// Pause/resume cycles per guest size.
+        #[arg(long, default_value_t = 10)]
+        cycles: usize,
+        /// Paused sandboxes to create for the host-memory measurement.
+        #[arg(long, default_value_t = 50)]
+        paused: usize,
+    },
 }
 
-fn percentile(samples: &[f64], p: f64) -> f64 {
+pub fn percentile(samples: &[f64], p: f64) -> f64 {
     let mut s = samples.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     if s.is_empty() {
@@ -45,12 +55,12 @@ fn meminfo_kib(key: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
 }
 
-fn proc_kib(pid: u32, file: &str, key: &str) -> Option<u64> {
+pub fn proc_kib(pid: u32, file: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
 }
 
-async fn exec_true(client: &Client, id: &str) -> Result<Duration> {
+pub async fn exec_true(client: &Client, id: &str) -> Result<Duration> {
     let req = ExecRequest { argv: vec!["true".into()], ..Default::default() };
     let start = Instant::now();
     let (_, _, exit) = client.exec_collect(id, &req).await?;
@@ -62,7 +72,23 @@ async fn exec_true(client: &Client, id: &str) -> Result<Duration> {
 }
 
 pub async fn run(cmd: BenchCommand, url: &str, api_key: Option<String>) -> Result<()> {
-    let BenchCommand::Create { runs, exec_runs, vcpus, memory, json } = cmd;
+    match cmd {
+        BenchCommand::Create { runs, exec_runs, vcpus, memory, json } => {
+            bench_create(runs, exec_runs, vcpus, memory, json, url, api_key).await
+        }
+        BenchCommand::Lifecycle { cycles, paused } => crate::bench_lifecycle::run(cycles, paused, url, api_key).await,
+    }
+}
+
+async fn bench_create(
+    runs: usize,
+    exec_runs: usize,
+    vcpus: u32,
+    memory: u32,
+    json: bool,
+    url: &str,
+    api_key: Option<String>,
+) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }

@@ -1,6 +1,7 @@
 //! `torpor`: the daemon (`torpor server`) and the command-line client for everything else.
 
 mod bench;
+mod bench_lifecycle;
 mod client;
 mod cp;
 mod exec;
@@ -79,6 +80,7 @@ async fn run_server(config: Option<PathBuf>, listen: Option<std::net::SocketAddr
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn,tower=warn".into()),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut cfg = torpor_control::config::Config::load(config.as_deref())?;
     if let Some(listen) = listen {

@@ -30,6 +30,7 @@ use crate::store::{Record, Store, StoreError};
 const GUEST_MAC: &str = "02:74:70:00:00:02";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 const CONSOLE_TAIL_LINES: usize = 20;
+const HEALTH_POLL: Duration = Duration::from_millis(10);
 
 pub struct Live {
     pub vm: Box<dyn Vm>,
@@ -97,6 +98,10 @@ pub struct Manager {
     /// One lifecycle operation per sandbox at a time (pause, resume, start): N requests that
     /// wake a paused sandbox queue here and cause exactly one resume.
     op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Supervisor clients of paused sandboxes. Their TCP connection is part of the guest's
+    /// snapshot and of the host's kernel state, so it survives the pause, and reusing it spares
+    /// the resume a new TCP and HTTP/2 handshake with a guest that has only just woken.
+    parked_clients: Mutex<HashMap<String, GuestClient>>,
 }
 
 impl Manager {
@@ -110,6 +115,7 @@ impl Manager {
             pool,
             live: Mutex::new(HashMap::new()),
             op_locks: Mutex::new(HashMap::new()),
+            parked_clients: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -408,6 +414,7 @@ impl Manager {
         }
         self.store.delete(id).await?;
         self.op_locks.lock().expect("lock table poisoned").remove(id);
+        self.parked_clients.lock().expect("client table poisoned").remove(id);
         Ok(())
     }
 
@@ -439,7 +446,9 @@ async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Duration) -> Re
         }
         tokio::select! {
             exit = vm.wait_exit() => return Err(exit.description),
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            // Short: after a resume the guest answers within milliseconds, and every poll we
+            // oversleep is added to the resume time.
+            _ = tokio::time::sleep(HEALTH_POLL) => {}
         }
     }
 }
