@@ -7,6 +7,7 @@ mod cp;
 mod exec;
 mod image;
 mod sandbox;
+mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Command {
     /// Build guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Build and manage templates: snapshots with processes already running.
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
     /// Measure performance against a running daemon.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
             Command::Server { config, listen } => run_server(config, listen).await.map(|_| ExitCode::SUCCESS),
             Command::Image(cmd) => image::run(cmd).map(|_| ExitCode::SUCCESS),
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, cli.api_key).await,
+            Command::Template(cmd) => template::run(cmd, &cli.url, cli.api_key).await.map(|_| ExitCode::SUCCESS),
             Command::Bench(cmd) => bench::run(cmd, &cli.url, cli.api_key).await.map(|_| ExitCode::SUCCESS),
         }
     });

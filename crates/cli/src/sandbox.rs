@@ -28,6 +28,9 @@ pub enum SandboxCommand {
         /// Pause after this many seconds without activity (default 300; 0 = never).
         #[arg(long, value_name = "SECS")]
         idle_timeout: Option<u64>,
+        /// Boot the base image from scratch instead of restoring the base template snapshot.
+        #[arg(long)]
+        cold_boot: bool,
         /// Print the whole sandbox as JSON instead of its id.
         #[arg(long)]
         json: bool,
@@ -97,13 +100,14 @@ pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
     let client = Client::new(url, api_key)?;
     match cmd {
-        SandboxCommand::Create { template, vcpus, memory, env, idle_timeout, json } => {
+        SandboxCommand::Create { template, vcpus, memory, env, idle_timeout, cold_boot, json } => {
             let req = CreateSandbox {
                 template: Some(template),
                 vcpus,
                 memory_mib: memory,
                 env: parse_env(&env)?,
                 idle_timeout_secs: idle_timeout,
+                cold_boot,
             };
             let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;
             if json {

@@ -81,6 +81,13 @@ impl GuestClient {
         Ok(())
     }
 
+    pub async fn set_identity(&self, req: IdentityRequest) -> Result<(), Status> {
+        let mut req = Request::new(req);
+        req.set_timeout(Duration::from_secs(10));
+        self.raw().set_identity(req).await?;
+        Ok(())
+    }
+
     pub async fn info(&self) -> Result<InfoResponse, Status> {
         Ok(self.raw().info(InfoRequest {}).await?.into_inner())
     }

@@ -102,16 +102,21 @@ pub struct CreateSandbox {
     pub env: BTreeMap<String, String>,
     /// Pause after this many idle seconds (default 300; 0 = never).
     pub idle_timeout_secs: Option<u64>,
+    /// Boot the `base` image from scratch instead of restoring the base template snapshot.
+    #[serde(default)]
+    pub cold_boot: bool,
 }
 
 /// A create request with defaults filled in and every field checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidCreate {
     pub template: String,
-    pub vcpus: u32,
-    pub memory_mib: u32,
+    /// As requested (range-checked); a template's own size applies where omitted.
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
     pub env: BTreeMap<String, String>,
     pub idle_timeout_secs: u64,
+    pub cold_boot: bool,
 }
 
 /// Longest idle timeout accepted: 30 days (0 means never, for longer).
@@ -119,19 +124,12 @@ pub const MAX_IDLE_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
 
 impl CreateSandbox {
     pub fn validate(self, cfg: &Config) -> Result<ValidCreate, ApiError> {
-        let template = self.template.unwrap_or_else(|| "base".into());
-        if !torpor_image::TEMPLATES.contains(&template.as_str()) {
-            return Err(ApiError::not_found(format!(
-                "unknown template {template:?}; available: {}",
-                torpor_image::TEMPLATES.join(", ")
-            )));
-        }
-        let vcpus = self.vcpus.unwrap_or(cfg.default_vcpus);
-        if vcpus == 0 || vcpus > cfg.max_vcpus {
+        let template = self.template.unwrap_or_else(|| BASE_TEMPLATE.into());
+        validate_template_name(&template).map_err(|e| ApiError::not_found(format!("unknown template: {}", e.message)))?;
+        if let Some(vcpus) = self.vcpus.filter(|v| *v == 0 || *v > cfg.max_vcpus) {
             return Err(ApiError::invalid(format!("vcpus must be between 1 and {}, got {vcpus}", cfg.max_vcpus)));
         }
-        let memory_mib = self.memory_mib.unwrap_or(cfg.default_memory_mib);
-        if !(cfg.min_memory_mib..=cfg.max_memory_mib).contains(&memory_mib) {
+        if let Some(memory_mib) = self.memory_mib.filter(|m| !(cfg.min_memory_mib..=cfg.max_memory_mib).contains(m)) {
             return Err(ApiError::invalid(format!(
                 "memory_mib must be between {} and {}, got {memory_mib}",
                 cfg.min_memory_mib, cfg.max_memory_mib
@@ -146,8 +144,56 @@ impl CreateSandbox {
                 "idle_timeout_secs must be at most {MAX_IDLE_TIMEOUT_SECS} (or 0 for never), got {idle_timeout_secs}"
             )));
         }
-        Ok(ValidCreate { template, vcpus, memory_mib, env: self.env, idle_timeout_secs })
+        if self.cold_boot && template != BASE_TEMPLATE {
+            return Err(ApiError::invalid(format!("template {template:?} is a snapshot and cannot be cold-booted")));
+        }
+        Ok(ValidCreate {
+            template,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            env: self.env,
+            idle_timeout_secs,
+            cold_boot: self.cold_boot,
+        })
     }
+}
+
+/// The template every sandbox gets unless it names another: the base image, snapshotted with
+/// its supervisor running.
+pub const BASE_TEMPLATE: &str = "base";
+
+/// 1–40 characters: lowercase letters, digits and `-`, starting with a letter or digit.
+pub fn validate_template_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!("template name {name:?} must be 1-40 of a-z, 0-9 and -")))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Template {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Processes that are already running in every sandbox created from it.
+    pub processes: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    pub name: String,
+    /// A running sandbox to capture; it is consumed (its snapshot becomes the template).
+    pub sandbox: String,
+    /// Names of the processes it keeps running (shown in template listings).
+    #[serde(default)]
+    pub processes: Vec<String>,
 }
 
 pub fn validate_env_name(key: &str) -> Result<(), ApiError> {
@@ -290,15 +336,25 @@ mod tests {
     fn create_fills_defaults_and_checks_ranges() {
         let cfg = Config::default();
         let v = CreateSandbox::default().validate(&cfg).unwrap();
-        assert_eq!((v.template.as_str(), v.vcpus, v.memory_mib, v.idle_timeout_secs), ("base", 1, 512, 300));
+        assert_eq!((v.template.as_str(), v.vcpus, v.memory_mib, v.idle_timeout_secs), ("base", None, None, 300));
         let bad = |req: CreateSandbox| req.validate(&cfg).unwrap_err();
         assert_eq!(bad(CreateSandbox { idle_timeout_secs: Some(u64::MAX), ..Default::default() }).status.as_u16(), 400);
         assert_eq!(bad(CreateSandbox { vcpus: Some(0), ..Default::default() }).status.as_u16(), 400);
         assert_eq!(bad(CreateSandbox { vcpus: Some(99), ..Default::default() }).status.as_u16(), 400);
         assert_eq!(bad(CreateSandbox { memory_mib: Some(1), ..Default::default() }).status.as_u16(), 400);
-        assert_eq!(bad(CreateSandbox { template: Some("nope".into()), ..Default::default() }).status.as_u16(), 404);
+        assert_eq!(bad(CreateSandbox { template: Some("No Such".into()), ..Default::default() }).status.as_u16(), 404);
+        let cold = CreateSandbox { template: Some("web".into()), cold_boot: true, ..Default::default() };
+        assert_eq!(bad(cold).status.as_u16(), 400);
         let env = BTreeMap::from([("1BAD".to_string(), "x".to_string())]);
         assert_eq!(bad(CreateSandbox { env, ..Default::default() }).status.as_u16(), 400);
+    }
+
+    #[test]
+    fn template_names() {
+        assert!(validate_template_name("web-2").is_ok());
+        for bad in ["", "-x", "Web", "a/b", &"x".repeat(41)] {
+            assert!(validate_template_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

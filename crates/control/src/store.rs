@@ -46,6 +46,20 @@ pub struct Record {
     pub updated_at: DateTime<Utc>,
     pub idle_timeout_secs: u64,
     pub meter: Meter,
+    /// Directory of the template this sandbox was cloned from.
+    pub template_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateRecord {
+    pub name: String,
+    pub dir: String,
+    pub image_dir: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Names of the processes the template keeps running.
+    pub processes: Vec<String>,
+    pub created_at: DateTime<Utc>,
 }
 
 /// Raw metering columns; see `Record::usage` for what they add up to.
@@ -113,8 +127,8 @@ impl Store {
             return Err(StoreError::PoolExhausted(capacity));
         }
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(rec.state.as_str())
@@ -130,6 +144,7 @@ impl Store {
         .bind(rec.created_at.to_rfc3339())
         .bind(rec.updated_at.to_rfc3339())
         .bind(rec.idle_timeout_secs as i64)
+        .bind(&rec.template_dir)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -219,6 +234,40 @@ impl Store {
         Ok(())
     }
 
+    pub async fn insert_template(&self, t: &TemplateRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(&t.name)
+            .bind(&t.dir)
+            .bind(&t.image_dir)
+            .bind(t.vcpus as i64)
+            .bind(t.memory_mib as i64)
+            .bind(serde_json::to_string(&t.processes).expect("names serialise"))
+            .bind(t.created_at.to_rfc3339())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn template(&self, name: &str) -> Result<Option<TemplateRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM templates WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
+        row.map(|r| decode_template(&r)).transpose()
+    }
+
+    pub async fn templates(&self) -> Result<Vec<TemplateRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM templates ORDER BY name").fetch_all(&self.pool).await?;
+        rows.iter().map(decode_template).collect()
+    }
+
+    pub async fn delete_template(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM templates WHERE name = ?").bind(name).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Sandboxes whose disk or memory still depends on files in `dir`.
+    pub async fn users_of_template_dir(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT id FROM sandboxes WHERE template_dir = ?").bind(dir).fetch_all(&self.pool).await?)
+    }
+
     pub async fn count_resume(&self, id: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE sandboxes SET resumes = resumes + 1 WHERE id = ?").bind(id).execute(&self.pool).await?;
         Ok(())
@@ -261,7 +310,24 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
             paused_bytes: row.try_get::<i64, _>("paused_bytes")? as u64,
             paused_byte_ms: row.try_get::<f64, _>("paused_byte_ms")?,
         },
+        template_dir: row.try_get("template_dir")?,
         id,
+    })
+}
+
+fn decode_template(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, StoreError> {
+    let name: String = row.try_get("name")?;
+    let corrupt = |message: String| StoreError::Corrupt { id: format!("template {name}"), message };
+    let processes: String = row.try_get("processes")?;
+    let created: String = row.try_get("created_at")?;
+    Ok(TemplateRecord {
+        dir: row.try_get("dir")?,
+        image_dir: row.try_get("image_dir")?,
+        vcpus: row.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
+        processes: serde_json::from_str(&processes).map_err(|e| corrupt(e.to_string()))?,
+        created_at: DateTime::parse_from_rfc3339(&created).map(|t| t.with_timezone(&Utc)).map_err(|e| corrupt(e.to_string()))?,
+        name,
     })
 }
 
@@ -292,6 +358,7 @@ mod tests {
             updated_at: Utc::now(),
             idle_timeout_secs: 300,
             meter: Meter::default(),
+            template_dir: None,
         }
     }
 

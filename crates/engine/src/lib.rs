@@ -55,6 +55,9 @@ pub struct VmSpec {
     pub initrd: PathBuf,
     /// Read-only base disk; the sandbox writes to a copy-on-write layer over it.
     pub base_disk: PathBuf,
+    /// Format of `base_disk`: `raw` for an image, `qcow2` for a template's disk layer.
+    pub base_disk_format: &'static str,
+
     pub run_dir: PathBuf,
     /// Network namespace the VM process runs in, and the tap device it opens there.
     pub netns_path: PathBuf,
@@ -91,9 +94,10 @@ pub trait Engine: Send + Sync {
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
     /// Takes over a VM started by an earlier daemon, after checking `pid` really is it.
     async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, EngineError>;
-    /// Boots the VM from the complete snapshot in `spec.run_dir` (see [`snapshot`]). Returns once
-    /// the guest runs again; from then on the snapshot is consumed.
-    async fn restore(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
+    /// Boots the VM from a complete snapshot (see [`snapshot`]) and returns once the guest runs
+    /// again. `template`: the directory of a template snapshot, which is only read; `None`: the
+    /// sandbox's own snapshot in `spec.run_dir`, which is consumed.
+    async fn restore(&self, spec: &VmSpec, template: Option<&std::path::Path>) -> Result<Box<dyn Vm>, EngineError>;
     /// The pid of a running VM process of sandbox `id`, found without any record of it.
     fn find_vm(&self, id: &str) -> Option<u32>;
     /// Kills every VM process of sandbox `id` that no live handle owns (left by an earlier

@@ -6,6 +6,7 @@
 
 mod exec;
 mod files;
+mod identity;
 mod info;
 mod init;
 mod reaper;
@@ -91,7 +92,9 @@ async fn serve(listen: SocketAddr, secret: String, is_init: bool) -> Result<bool
     let reaper = reaper::Reaper::start().context("installing the SIGCHLD handler")?;
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
     let running = exec::Running::default();
+    let secret = Arc::new(std::sync::RwLock::new(secret));
     let service = service::Service {
+        secret: secret.clone(),
         reaper,
         running: running.clone(),
         default_env: Arc::new(RwLock::new(HashMap::new())),

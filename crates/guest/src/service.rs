@@ -14,6 +14,8 @@ use crate::reaper::Reaper;
 use crate::{exec, files};
 
 pub struct Service {
+    /// The secret every call must carry; replaced by `SetIdentity` in a clone.
+    pub secret: Arc<std::sync::RwLock<String>>,
     pub reaper: Reaper,
     pub running: exec::Running,
     pub default_env: Arc<RwLock<HashMap<String, String>>>,
@@ -21,9 +23,11 @@ pub struct Service {
 }
 
 /// Refuses every call that does not carry the sandbox secret.
-pub fn authenticator(secret: String) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    let expected = format!("Bearer {secret}");
+pub fn authenticator(
+    secret: Arc<std::sync::RwLock<String>>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
+        let expected = format!("Bearer {}", secret.read().expect("secret lock poisoned"));
         let given = req.metadata().get(AUTH_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
         if bool::from(given.ct_eq(expected.as_bytes())) {
             Ok(req)
@@ -82,6 +86,16 @@ impl Supervisor for Service {
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         Ok(Response::new(crate::info::collect().map_err(|e| Status::internal(format!("{e:#}")))?))
+    }
+
+    async fn set_identity(&self, req: Request<IdentityRequest>) -> Result<Response<IdentityResponse>, Status> {
+        let req = req.into_inner();
+        crate::identity::apply(&req).map_err(|e| Status::internal(format!("{e:#}")))?;
+        if req.new_secret.len() < 32 {
+            return Err(Status::invalid_argument("the new secret is too short"));
+        }
+        *self.secret.write().expect("secret lock poisoned") = req.new_secret;
+        Ok(Response::new(IdentityResponse {}))
     }
 
     async fn set_clock(&self, req: Request<SetClockRequest>) -> Result<Response<SetClockResponse>, Status> {

@@ -6,7 +6,6 @@
 mod build;
 mod initramfs;
 mod store;
-pub use store::TEMPLATES;
 
 pub use build::{build, BuildOptions, Progress};
 pub use store::{GuestImage, ImageStore, Manifest};

@@ -6,9 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{io, ImageError};
 
-/// The templates this build knows. More come with the template system.
-pub const TEMPLATES: &[&str] = &["base"];
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub format: u32,

@@ -143,6 +143,11 @@ table inet torpor_filter {{
         Ok(())
     }
 
+    /// Forgets the guest's MAC address, after the guest changed it (a clone taking its identity).
+    pub async fn forget_guest_mac(&self) -> Result<(), NetError> {
+        ip_in_ns(&self.netns, &["neigh", "flush", "dev", TAP]).await
+    }
+
     pub fn exists(&self) -> bool {
         netns_exists(&self.netns) && link_exists(&self.host_veth)
     }

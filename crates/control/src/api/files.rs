@@ -51,6 +51,9 @@ fn parse_mode(mode: Option<&str>) -> Result<u32, ApiError> {
     }
 }
 
+/// How much of a refused upload is read before answering.
+const REFUSED_BODY_DRAIN: usize = 8 << 20;
+
 fn too_large(limit: u64) -> ApiError {
     ApiError::too_large(format!("file is larger than the limit of {limit} bytes (max_file_bytes)"))
 }
@@ -75,6 +78,16 @@ pub async fn upload(
     let limit = state.manager.cfg.max_file_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
+        // Read (and drop) a bounded part of the body first: a client still sending when the
+        // connection closes sees a broken pipe instead of this answer.
+        let mut stream = body.into_data_stream();
+        let mut drained = 0usize;
+        while drained < REFUSED_BODY_DRAIN {
+            match stream.next().await {
+                Some(Ok(chunk)) => drained += chunk.len(),
+                _ => break,
+            }
+        }
         return Err(too_large(limit));
     }
     let live = state.manager.running(&id).await?;

@@ -4,6 +4,7 @@
 mod exec;
 mod files;
 mod sandboxes;
+mod templates;
 
 use std::sync::Arc;
 
@@ -32,11 +33,12 @@ pub struct AppState {
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::stop, sandboxes::delete, sandboxes::info,
         sandboxes::pause, sandboxes::resume, sandboxes::connect, sandboxes::start, sandboxes::usage,
+        templates::create, templates::list, templates::delete,
         exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health
     ),
     components(schemas(
         Sandbox, crate::model::State, NetworkInfo, Usage, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
-        ErrorDetail, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health
+        ErrorDetail, Template, CreateTemplate, templates::TemplateList, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health
     )),
     modifiers(&BearerAuth)
 )]
@@ -73,6 +75,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(exec::signal))
         .route("/v1/sandboxes/{id}/files", get(files::download).put(files::upload))
+        .route("/v1/templates", post(templates::create).get(templates::list))
+        .route("/v1/templates/{name}", axum::routing::delete(templates::delete))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/v1/health", get(health))
@@ -149,6 +153,8 @@ mod tests {
             "/v1/sandboxes/{id}/execs/{exec_id}/signal",
             "/v1/sandboxes/{id}/files",
             "/v1/health",
+            "/v1/templates",
+            "/v1/templates/{name}",
         ] {
             assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
         }

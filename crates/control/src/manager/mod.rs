@@ -5,6 +5,7 @@
 
 mod reconcile;
 mod suspend;
+mod templates;
 
 pub use reconcile::Reconciled;
 
@@ -23,7 +24,7 @@ use torpor_net::{AddressPool, SandboxNet, TAP};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::guest::GuestClient;
-use crate::model::{new_sandbox_id, NetworkInfo, Sandbox, State, ValidCreate};
+use crate::model::{new_sandbox_id, NetworkInfo, Sandbox, State, ValidCreate, BASE_TEMPLATE};
 use crate::store::{Record, Store, StoreError};
 
 /// Every guest has the same MAC, like the same IP: each sits alone on its own link.
@@ -102,6 +103,8 @@ pub struct Manager {
     /// snapshot and of the host's kernel state, so it survives the pause, and reusing it spares
     /// the resume a new TCP and HTTP/2 handshake with a guest that has only just woken.
     parked_clients: Mutex<HashMap<String, GuestClient>>,
+    /// Only one base template snapshot is ever built at a time.
+    base_template_lock: tokio::sync::Mutex<()>,
 }
 
 impl Manager {
@@ -116,6 +119,7 @@ impl Manager {
             live: Mutex::new(HashMap::new()),
             op_locks: Mutex::new(HashMap::new()),
             parked_clients: Mutex::new(HashMap::new()),
+            base_template_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -142,13 +146,20 @@ impl Manager {
     fn spec(&self, rec: &Record) -> VmSpec {
         let image = PathBuf::from(&rec.image_dir);
         let run_dir = self.run_dir(&rec.id);
+        let template = rec.template_dir.as_ref().map(PathBuf::from);
+        let (base_disk, base_disk_format) = match &template {
+            Some(dir) => (dir.join("disk.qcow2"), "qcow2"),
+            None => (image.join("rootfs.ext4"), "raw"),
+        };
         VmSpec {
             id: rec.id.clone(),
             vcpus: rec.vcpus,
             memory_mib: rec.memory_mib,
             kernel: image.join("vmlinuz"),
             initrd: image.join("initrd.img"),
-            base_disk: image.join("rootfs.ext4"),
+            base_disk,
+            base_disk_format,
+
             netns_path: torpor_net::netns_path(&self.net_for(rec).netns),
             tap: TAP.into(),
             mac: GUEST_MAC.into(),
@@ -204,19 +215,54 @@ impl Manager {
         self.op_locks.lock().expect("lock table poisoned").entry(id.to_owned()).or_default().clone()
     }
 
+    /// Creates a sandbox: a restore of its template's snapshot, or a cold boot of the base image
+    /// (asked for, or a size other than the base template's).
     pub async fn create(self: &Arc<Self>, req: ValidCreate) -> Result<Sandbox, ApiError> {
         let engine = self.engine()?;
-        let image = self.images.current(&req.template).map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let template = if req.template == BASE_TEMPLATE {
+            let vcpus = req.vcpus.unwrap_or(self.cfg.default_vcpus);
+            let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
+            let base_shape = (vcpus, memory_mib) == (self.cfg.default_vcpus, self.cfg.default_memory_mib);
+            if req.cold_boot || !base_shape {
+                return self.create_cold(&engine, ValidCreate { vcpus: Some(vcpus), memory_mib: Some(memory_mib), ..req }).await;
+            }
+            self.base_template(&engine).await?
+        } else {
+            let t = self.store.template(&req.template).await?.ok_or_else(|| {
+                ApiError::not_found(format!("unknown template {:?}; `torpor template list` shows them", req.template))
+            })?;
+            if req.vcpus.is_some_and(|v| v != t.vcpus) || req.memory_mib.is_some_and(|m| m != t.memory_mib) {
+                return Err(ApiError::invalid(format!(
+                    "template {} is a snapshot of a {} vCPU / {} MiB machine; omit vcpus and memory_mib or match them",
+                    t.name, t.vcpus, t.memory_mib
+                )));
+            }
+            t
+        };
+        let mut rec = self.new_record(&engine, &req, &template.image_dir, template.vcpus, template.memory_mib);
+        rec.template_dir = Some(template.dir.clone());
+        self.finish_create(rec, |rec| async move { self.clone_template(&engine, &rec, &template).await }).await
+    }
+
+    pub(super) async fn create_cold(self: &Arc<Self>, engine: &Arc<dyn Engine>, req: ValidCreate) -> Result<Sandbox, ApiError> {
+        let image = self.images.current(BASE_TEMPLATE).map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let vcpus = req.vcpus.unwrap_or(self.cfg.default_vcpus);
+        let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
+        let rec = self.new_record(engine, &req, &image.dir.display().to_string(), vcpus, memory_mib);
+        self.finish_create(rec, |rec| async move { self.boot(engine, &rec).await }).await
+    }
+
+    fn new_record(&self, engine: &Arc<dyn Engine>, req: &ValidCreate, image_dir: &str, vcpus: u32, memory_mib: u32) -> Record {
         let now = Utc::now();
-        let mut rec = Record {
+        Record {
             id: new_sandbox_id(),
             state: State::Creating,
             reason: None,
-            template: req.template,
-            image_dir: image.dir.display().to_string(),
-            vcpus: req.vcpus,
-            memory_mib: req.memory_mib,
-            env: req.env,
+            template: req.template.clone(),
+            image_dir: image_dir.to_owned(),
+            vcpus,
+            memory_mib,
+            env: req.env.clone(),
             slot: 0,
             pid: None,
             accel: engine.accel().to_string(),
@@ -224,17 +270,27 @@ impl Manager {
             updated_at: now,
             idle_timeout_secs: req.idle_timeout_secs,
             meter: Default::default(),
-        };
+            template_dir: None,
+        }
+    }
+
+    /// Records the sandbox, runs `start`, and either makes it live or removes every trace.
+    async fn finish_create<F, Fut>(self: &Arc<Self>, mut rec: Record, start: F) -> Result<Sandbox, ApiError>
+    where
+        F: FnOnce(Record) -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<Live>, ApiError>>,
+    {
         rec.slot = self.store.insert(&rec, self.pool.capacity()).await.map_err(|e| match e {
             StoreError::PoolExhausted(_) => ApiError::unavailable(e.to_string()),
             other => other.into(),
         })?;
         let id = rec.id.clone();
-        tracing::info!(%id, vcpus = rec.vcpus, memory_mib = rec.memory_mib, "creating sandbox");
-        match self.boot(&engine, &rec).await {
+        tracing::info!(%id, template = %rec.template, vcpus = rec.vcpus, memory_mib = rec.memory_mib, "creating sandbox");
+        let started = std::time::Instant::now();
+        match start(rec).await {
             Ok(live) => {
                 self.go_live(&id, live, State::Creating).await?;
-                tracing::info!(%id, "sandbox running");
+                tracing::info!(%id, ms = started.elapsed().as_millis() as u64, "sandbox running");
                 self.get(&id).await
             }
             Err(e) => {
@@ -430,7 +486,7 @@ impl Manager {
 
 }
 
-async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Duration) -> Result<(), String> {
+pub(super) async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Duration) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_error;
     loop {
@@ -465,7 +521,7 @@ pub fn create_private_dir(dir: &std::path::Path) -> Result<(), ApiError> {
 }
 
 /// The sandbox secret: 32 random bytes from the OS, hex, in a 0600 file.
-fn ensure_secret(path: &std::path::Path) -> Result<String, ApiError> {
+pub(super) fn ensure_secret(path: &std::path::Path) -> Result<String, ApiError> {
     if let Ok(existing) = std::fs::read_to_string(path) {
         return Ok(existing.trim().to_owned());
     }

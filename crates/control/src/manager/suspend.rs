@@ -127,7 +127,7 @@ impl Manager {
             }
         }
         let spec = self.spec(rec);
-        let vm = match engine.restore(&spec).await {
+        let vm = match engine.restore(&spec, None).await {
             Ok(vm) => vm,
             Err(e) => {
                 let e = ApiError::internal(format!("resuming sandbox {id} failed: {e}"));

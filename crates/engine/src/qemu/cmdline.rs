@@ -103,6 +103,7 @@ mod tests {
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd.img".into(),
             base_disk: "/img/rootfs.ext4".into(),
+            base_disk_format: "raw",
             run_dir: PathBuf::from("/data/sandboxes/sb-abc"),
             netns_path: "/run/netns/torpor-sb-abc".into(),
             tap: "tap0".into(),

@@ -146,7 +146,7 @@ impl Engine for QemuEngine {
         // A qcow2 layer over the read-only base: creating it copies nothing.
         let tmp = disk.with_extension("qcow2.partial");
         let out = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .args(["create", "-q", "-f", "qcow2", "-F", spec.base_disk_format, "-b"])
             .arg(&spec.base_disk)
             .arg(&tmp)
             .output()
@@ -164,19 +164,22 @@ impl Engine for QemuEngine {
         Ok(Box::new(self.spawn(spec, &[]).await?))
     }
 
-    async fn restore(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
-        snapshot::verify(&spec.run_dir, spec.vcpus, spec.memory_mib)?;
+    async fn restore(&self, spec: &VmSpec, template: Option<&Path>) -> Result<Box<dyn Vm>, EngineError> {
+        let from = template.unwrap_or(&spec.run_dir);
+        snapshot::verify(from, spec.vcpus, spec.memory_mib)?;
         // -S: the CPUs stay stopped after the state is loaded until we say `cont`.
         let vm = self.spawn(spec, &["-incoming", "defer", "-S"]).await?;
         let loaded = async {
             let mut qmp = Qmp::connect(&vm.qmp_path).await?;
             qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
-            let uri = format!("exec:cat {}", snapshot::state_file(&spec.run_dir).display());
+            let uri = format!("exec:cat {}", snapshot::state_file(from).display());
             qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
             wait_for_migration(&mut qmp).await.map_err(EngineError::Load)?;
             // From `cont` on the guest writes to mem.ram: the snapshot stops existing first, so
-            // nothing can ever restore a half-used one.
-            snapshot::consume(&spec.run_dir);
+            // nothing can ever restore a half-used one. A template is never written.
+            if template.is_none() {
+                snapshot::consume(&spec.run_dir);
+            }
             qmp.execute("cont", None).await?;
             Ok::<_, EngineError>(())
         };

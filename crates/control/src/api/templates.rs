@@ -1,0 +1,46 @@
+//! Template endpoints.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::{json_body, AppState};
+use crate::error::{ApiError, ErrorBody};
+use crate::manager::Manager;
+use crate::model::{CreateTemplate, Template};
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct TemplateList {
+    pub templates: Vec<Template>,
+}
+
+/// Captures a running sandbox (created with `cold_boot`) as a template: it is paused and its
+/// snapshot and disk become the template; the sandbox itself is removed.
+#[utoipa::path(post, path = "/v1/templates", request_body = CreateTemplate, responses(
+    (status = 201, body = Template), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "the sandbox is not running, or was itself restored from a template")))]
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<Json<CreateTemplate>, JsonRejection>,
+) -> Result<(StatusCode, Json<Template>), ApiError> {
+    let req = json_body(body)?;
+    let manager = state.manager.clone();
+    let t = tokio::spawn(async move { manager.capture(&req.name, &req.sandbox, req.processes).await })
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("capture task failed: {e}"))))?;
+    Ok((StatusCode::CREATED, Json(Manager::to_api_template(&t))))
+}
+
+#[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = TemplateList)))]
+pub async fn list(State(state): State<AppState>) -> Result<Json<TemplateList>, ApiError> {
+    Ok(Json(TemplateList { templates: state.manager.list_templates().await? }))
+}
+
+/// Removes a template no sandbox depends on any more.
+#[utoipa::path(delete, path = "/v1/templates/{name}", params(("name" = String, Path)), responses(
+    (status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "in use")))]
+pub async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    state.manager.delete_template(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
