@@ -9,9 +9,11 @@ use torpor_control::model::{CreateSandbox, Sandbox, Usage};
 use crate::bench::{exec_true, percentile};
 use crate::client::Client;
 
-async fn create(client: &Client, memory: u32) -> Result<(Sandbox, f64)> {
+/// Creates a sandbox (`memory: None` = the base template's size, a restore; `cold` = boot the
+/// image) and times create → first successful exec.
+async fn create(client: &Client, memory: Option<u32>, cold: bool) -> Result<(Sandbox, f64)> {
     let start = Instant::now();
-    let req = CreateSandbox { memory_mib: Some(memory), idle_timeout_secs: Some(0), ..Default::default() };
+    let req = CreateSandbox { memory_mib: memory, idle_timeout_secs: Some(0), cold_boot: cold, ..Default::default() };
     let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating a sandbox")?;
     exec_true(client, &sandbox.id).await?;
     Ok((sandbox, start.elapsed().as_secs_f64() * 1e3))
@@ -39,7 +41,7 @@ struct Cycles {
 /// Pause, then wake with an exec, `cycles` times, on a guest of `memory` MiB that has touched
 /// some memory of its own.
 async fn cycles(client: &Client, memory: u32, cycles: usize) -> Result<Cycles> {
-    let (sandbox, _) = create(client, memory).await?;
+    let (sandbox, _) = create(client, Some(memory), true).await?;
     let id = sandbox.id.clone();
     let result = async {
         let mut out = Cycles { pause_ms: vec![], resume_exec_ms: vec![], paused_bytes: vec![] };
@@ -65,10 +67,18 @@ pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) ->
         bail!("--cycles must be at least 1");
     }
     let client = Client::new(url, api_key)?;
-    let mut cold = Vec::new();
+    let (mut cold, mut restored) = (Vec::new(), Vec::new());
     for _ in 0..n.min(5) {
-        let (s, ms) = create(&client, 512).await?;
+        let (s, ms) = create(&client, None, true).await?;
         cold.push(ms);
+        remove(&client, &s.id).await;
+    }
+    // The first restore may build the base template (one cold boot); it is not counted.
+    let (warm, _) = create(&client, None, false).await?;
+    remove(&client, &warm.id).await;
+    for _ in 0..n {
+        let (s, ms) = create(&client, None, false).await?;
+        restored.push(ms);
         remove(&client, &s.id).await;
     }
     eprintln!("cold creates done; cycling 256 MiB and 2 GiB guests");
@@ -81,7 +91,7 @@ pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) ->
     let mut paused_disk = Vec::new();
     let outcome = async {
         for _ in 0..paused {
-            let (s, _) = create(&client, 512).await?;
+            let (s, _) = create(&client, None, false).await?;
             ids.push(s.id.clone());
             pause(&client, &s.id).await?;
             let usage: Usage = client.json(Method::GET, &format!("/v1/sandboxes/{}/usage", s.id), None::<&()>).await?;
@@ -109,7 +119,7 @@ pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) ->
 
     println!("cycles per size: {n}; paused sandboxes: {paused}");
     line("cold create → first exec (512 MiB)", &cold, "ms");
-    println!("{:<40} n/a: templates are not built yet", "create from template");
+    line("create from template → first exec", &restored, "ms");
     line("pause, 256 MiB guest", &small.pause_ms, "ms");
     line("pause, 2 GiB guest", &large.pause_ms, "ms");
     line("resume → first exec, 256 MiB guest", &small.resume_exec_ms, "ms");
@@ -118,6 +128,10 @@ pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) ->
     line("bytes on disk while paused, 2 GiB", &large.paused_bytes, "MiB");
     line("bytes on disk while paused, 512 MiB", &paused_disk, "MiB");
     println!("{:<40} {} KiB in VM processes for {} paused sandboxes", "host RSS of paused sandboxes", qemu_rss_kib, ids.len());
+    println!(
+        "ratio cold / from template: {:.1}x (p50)",
+        percentile(&cold, 50.0) / percentile(&restored, 50.0)
+    );
     println!(
         "ratio 2 GiB / 256 MiB: pause {:.2}x, resume → exec {:.2}x (p50)",
         percentile(&large.pause_ms, 50.0) / percentile(&small.pause_ms, 50.0),
