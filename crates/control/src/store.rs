@@ -88,8 +88,8 @@ impl Meter {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
-    /// Read-then-write transactions take this first: two deferred SQLite transactions that both
-    /// upgrade to writers would otherwise fail with SQLITE_BUSY instead of waiting.
+    /// Every write takes this first: a deferred read-then-write transaction fails at once with
+    /// SQLITE_BUSY_SNAPSHOT if another connection commits between its read and its write.
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -203,7 +203,7 @@ impl Store {
             if current == State::Paused && to != State::Paused {
                 sqlx::query(
                     "UPDATE sandboxes SET paused_byte_ms = paused_byte_ms + paused_bytes * MAX(0, (julianday(?) - julianday(paused_since)) * 86400000.0),
-                     paused_since = NULL, paused_bytes = 0 WHERE id = ? AND paused_since IS NOT NULL",
+                     paused_since = NULL WHERE id = ? AND paused_since IS NOT NULL",
                 )
                 .bind(now.to_rfc3339())
                 .bind(id)
@@ -219,6 +219,7 @@ impl Store {
     }
 
     pub async fn set_pid(&self, id: &str, pid: Option<u32>) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
         sqlx::query("UPDATE sandboxes SET pid = ?, updated_at = ? WHERE id = ?")
             .bind(pid.map(|p| p as i64))
             .bind(Utc::now().to_rfc3339())
@@ -230,11 +231,13 @@ impl Store {
 
     /// Bytes the sandbox stores while paused; set just before the move to `paused`.
     pub async fn set_paused_bytes(&self, id: &str, bytes: u64) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
         sqlx::query("UPDATE sandboxes SET paused_bytes = ? WHERE id = ?").bind(bytes as i64).bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
     pub async fn insert_template(&self, t: &TemplateRecord) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
         sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(&t.name)
             .bind(&t.dir)
@@ -259,6 +262,7 @@ impl Store {
     }
 
     pub async fn delete_template(&self, name: &str) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
         sqlx::query("DELETE FROM templates WHERE name = ?").bind(name).execute(&self.pool).await?;
         Ok(())
     }
@@ -269,11 +273,13 @@ impl Store {
     }
 
     pub async fn count_resume(&self, id: &str) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
         sqlx::query("UPDATE sandboxes SET resumes = resumes + 1 WHERE id = ?").bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
         sqlx::query("DELETE FROM sandboxes WHERE id = ?").bind(id).execute(&self.pool).await?;
         Ok(())
     }
@@ -387,7 +393,8 @@ mod tests {
         store.count_resume("m").await.unwrap();
         let closed = store.get("m").await.unwrap().unwrap().meter;
         assert!((2_000_000.0..2_500_000.0).contains(&closed.paused_byte_ms), "{}", closed.paused_byte_ms);
-        assert_eq!((closed.paused_bytes, closed.resumes), (0, 1));
+        // The byte count stays: a resume that fails goes back to paused with the same files.
+        assert_eq!((closed.paused_bytes, closed.resumes), (1000, 1));
         assert!(closed.paused_since.is_none());
     }
 

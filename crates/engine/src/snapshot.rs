@@ -153,16 +153,23 @@ pub fn verify(run_dir: &Path, vcpus: u32, memory_mib: u32) -> Result<SnapshotMet
     Ok(meta)
 }
 
-/// Marks the snapshot used: from now on the guest writes to `mem.ram`.
-pub fn consume(run_dir: &Path) {
-    let _ = std::fs::remove_file(run_dir.join(META));
+/// Marks the snapshot used: from now on the guest writes to `mem.ram`. Fails if the metadata
+/// could not be removed, in which case the guest must not run.
+pub fn consume(run_dir: &Path) -> Result<(), SnapshotError> {
+    match std::fs::remove_file(run_dir.join(META)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(format!("removing {}", run_dir.join(META).display()))(e)),
+    }
     let _ = std::fs::remove_file(state_file(run_dir));
-    sync_dir(run_dir);
+    std::fs::File::open(run_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing {}", run_dir.display())))
 }
 
 /// Removes every snapshot file, RAM included (before a cold boot).
 pub fn discard(run_dir: &Path) {
-    consume(run_dir);
+    let _ = consume(run_dir);
     let _ = std::fs::remove_file(state_temp_file(run_dir));
     let _ = std::fs::remove_file(memory_file(run_dir));
 }
@@ -195,7 +202,7 @@ mod tests {
         assert!(exists(dir.path()));
         assert_eq!(verify(dir.path(), 1, 1).unwrap(), meta);
         assert!(matches!(verify(dir.path(), 2, 1), Err(SnapshotError::Shape { .. })));
-        consume(dir.path());
+        consume(dir.path()).unwrap();
         assert!(!exists(dir.path()));
         assert!(matches!(verify(dir.path(), 1, 1), Err(SnapshotError::Missing(_))));
         assert!(memory_file(dir.path()).exists(), "consume keeps the RAM file");

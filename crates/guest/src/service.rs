@@ -90,10 +90,10 @@ impl Supervisor for Service {
 
     async fn set_identity(&self, req: Request<IdentityRequest>) -> Result<Response<IdentityResponse>, Status> {
         let req = req.into_inner();
-        crate::identity::apply(&req).map_err(|e| Status::internal(format!("{e:#}")))?;
         if req.new_secret.len() < 32 {
             return Err(Status::invalid_argument("the new secret is too short"));
         }
+        crate::identity::apply(&req).map_err(|e| Status::internal(format!("{e:#}")))?;
         *self.secret.write().expect("secret lock poisoned") = req.new_secret;
         Ok(Response::new(IdentityResponse {}))
     }

@@ -68,6 +68,7 @@ impl Manager {
                 Ok(State::Running) => report.adopted.push(rec.id.clone()),
                 Ok(_) => {
                     self.store.set_pid(&rec.id, None).await?;
+                    self.store.set_paused_bytes(&rec.id, super::suspend::dir_bytes_on_disk(&dir)).await?;
                     self.store.transition(&rec.id, &[rec.state], State::Paused, None).await?;
                     report.paused.push(rec.id.clone());
                 }

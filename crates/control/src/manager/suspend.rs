@@ -25,6 +25,23 @@ impl Manager {
     pub async fn pause(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
+        self.pause_locked(id).await
+    }
+
+    /// Pauses only if the sandbox is still idle once its op lock is held: work may have started
+    /// since the sweep looked.
+    async fn pause_if_idle(self: &Arc<Self>, id: &str, timeout_ms: u64) -> Result<(), ApiError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let idle = self.live_handle(id).and_then(|l| l.idle_for_ms()).is_some_and(|ms| ms >= timeout_ms);
+        if idle {
+            self.pause_locked(id).await?;
+        }
+        Ok(())
+    }
+
+    /// `pause` for a caller that holds the sandbox's op lock.
+    pub(super) async fn pause_locked(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
         let rec = self.record(id).await?;
         match self.store.transition(id, &[State::Running], State::Pausing, None).await? {
             Some(State::Running) => {}
@@ -85,8 +102,9 @@ impl Manager {
     /// The live handle of a sandbox, resuming it first if it is paused (wake on use).
     pub async fn running(self: &Arc<Self>, id: &str) -> Result<Arc<Live>, ApiError> {
         if let Some(live) = self.live_handle(id) {
+            // Touch first: an auto-pause deciding right now must see this use.
+            live.touch();
             if self.record(id).await?.state == State::Running {
-                live.touch();
                 return Ok(live);
             }
         }
@@ -238,9 +256,10 @@ impl Manager {
                     continue;
                 }
                 let manager = self.clone();
+                let timeout_ms = rec.idle_timeout_secs * 1000;
                 tokio::spawn(async move {
                     tracing::info!(%id, idle_secs = idle_ms / 1000, "auto-pausing idle sandbox");
-                    if let Err(e) = manager.pause(&id).await {
+                    if let Err(e) = manager.pause_if_idle(&id, timeout_ms).await {
                         tracing::warn!(%id, error = %e.message, "auto-pause failed");
                     }
                 });

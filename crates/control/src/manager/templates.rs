@@ -81,9 +81,11 @@ impl Manager {
         if rec.state != State::Running {
             return Err(ApiError::conflict(format!("sandbox {id} is {}; only a running sandbox can be captured", rec.state)));
         }
-        self.pause(id).await?;
+        // One hold of the op lock from the pause to the last file moved: nothing may wake the
+        // sandbox in between and run from files that are being taken away.
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
+        self.pause_locked(id).await?;
         let run_dir = self.run_dir(id);
         let mut suffix = [0u8; 4];
         rand::rngs::OsRng.fill_bytes(&mut suffix);

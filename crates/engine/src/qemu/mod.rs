@@ -178,7 +178,7 @@ impl Engine for QemuEngine {
             // From `cont` on the guest writes to mem.ram: the snapshot stops existing first, so
             // nothing can ever restore a half-used one. A template is never written.
             if template.is_none() {
-                snapshot::consume(&spec.run_dir);
+                snapshot::consume(&spec.run_dir)?;
             }
             qmp.execute("cont", None).await?;
             Ok::<_, EngineError>(())
