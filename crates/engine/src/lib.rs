@@ -112,8 +112,6 @@ pub trait Vm: Send + Sync {
     async fn wait_exit(&self) -> VmExit;
     /// Asks the VMM to exit now (the guest gets no warning), then kills it if it lingers.
     async fn terminate(&self);
-    /// Resident memory of the VMM process, in bytes.
-    fn rss_bytes(&self) -> Option<u64>;
     /// Stops the guest, writes a complete snapshot to `spec.run_dir` and ends the VM process.
     /// On failure the guest is running again and nothing was sealed.
     async fn pause_to_snapshot(&self, spec: &VmSpec) -> Result<SnapshotMeta, EngineError>;

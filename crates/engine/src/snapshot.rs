@@ -174,16 +174,6 @@ pub fn discard(run_dir: &Path) {
     let _ = std::fs::remove_file(memory_file(run_dir));
 }
 
-/// Bytes the snapshot really occupies on disk (allocated blocks, not apparent size).
-pub fn bytes_on_disk(run_dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    [memory_file(run_dir), state_file(run_dir), run_dir.join(META)]
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.blocks() * 512)
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use torpor_proto::{GUEST_GATEWAY, GUEST_IP, GUEST_PREFIX_LEN, SUPERVISOR_PORT};
 /// Name of the tap device inside every sandbox namespace.
 pub const TAP: &str = "tap0";
 const NS_VETH: &str = "veth0";
-/// Prefix of every namespace Torpor creates; reconciliation looks for it.
+/// Prefix of every namespace Torpor creates.
 pub const NETNS_PREFIX: &str = "torpor-";
 
 #[derive(Debug, thiserror::Error)]
@@ -169,18 +169,6 @@ pub fn netns_exists(name: &str) -> bool {
 
 pub fn link_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
-}
-
-/// Network namespaces that carry Torpor's prefix.
-pub fn list_netns() -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                .filter(|n| n.starts_with(NETNS_PREFIX))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Path of a namespace handle, for a process that must enter it (`setns`).

@@ -280,10 +280,6 @@ impl Vm for QemuVm {
         }
     }
 
-    fn rss_bytes(&self) -> Option<u64> {
-        process::rss_bytes(self.pid)
-    }
-
     async fn pause_to_snapshot(&self, spec: &VmSpec) -> Result<SnapshotMeta, EngineError> {
         let tmp = snapshot::state_temp_file(&spec.run_dir);
         let _ = std::fs::remove_file(&tmp);
