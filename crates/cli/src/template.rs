@@ -17,8 +17,9 @@ use crate::client::Client;
 
 #[derive(Subcommand)]
 pub enum TemplateCommand {
-    /// Build template NAME from a template file (see README: Templates).
+    /// Build template NAME from a template file (format: README, "Pause, resume and templates").
     Build {
+        /// Template name: 1-40 of a-z, 0-9 and -.
         name: String,
         /// The template file (TOML).
         #[arg(short = 'f', long = "file")]

@@ -33,9 +33,19 @@ pub struct GuestClient {
 impl GuestClient {
     /// Connects lazily: nothing is dialled until the first call.
     pub fn new(addr: SocketAddr, secret: &str) -> Self {
+        Self::with_connect_timeout(addr, secret, Duration::from_secs(2))
+    }
+
+    /// For polling a guest that is only just starting: a SYN it missed is not retransmitted by
+    /// the kernel for a whole second, so give up on a connect quickly and dial again instead.
+    pub fn probe(addr: SocketAddr, secret: &str) -> Self {
+        Self::with_connect_timeout(addr, secret, Duration::from_millis(100))
+    }
+
+    fn with_connect_timeout(addr: SocketAddr, secret: &str, connect_timeout: Duration) -> Self {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .expect("a socket address is a valid URI")
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30));
         let channel = endpoint.connect_lazy();

@@ -15,7 +15,7 @@ pub use addr::{AddressPool, PoolError};
 use std::net::Ipv4Addr;
 
 use cmd::{ip, ip_in_ns, run_in_ns};
-use torpor_proto::{GUEST_GATEWAY, GUEST_IP, GUEST_PREFIX_LEN, SUPERVISOR_PORT};
+use torpor_proto::{GATEWAY_MAC, GUEST_GATEWAY, GUEST_IP, GUEST_MAC, GUEST_PREFIX_LEN, SUPERVISOR_PORT};
 
 /// Name of the tap device inside every sandbox namespace.
 pub const TAP: &str = "tap0";
@@ -87,8 +87,10 @@ impl SandboxNet {
         ip_in_ns(ns, &["addr", "add", &format!("{}/30", self.guest_access_ip), "dev", NS_VETH]).await?;
         ip_in_ns(ns, &["link", "set", NS_VETH, "up"]).await?;
         ip_in_ns(ns, &["tuntap", "add", "dev", TAP, "mode", "tap"]).await?;
+        ip_in_ns(ns, &["link", "set", TAP, "address", GATEWAY_MAC]).await?;
         ip_in_ns(ns, &["addr", "add", &format!("{GUEST_GATEWAY}/{GUEST_PREFIX_LEN}"), "dev", TAP]).await?;
         ip_in_ns(ns, &["link", "set", TAP, "up"]).await?;
+        self.set_guest_mac(GUEST_MAC).await?;
         run_in_ns(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1"], None).await?;
         run_in_ns(ns, "nft", &["-f", "-"], Some(self.ruleset())).await?;
         Ok(())
@@ -126,8 +128,18 @@ table inet torpor_filter {{
         )
     }
 
-    /// Removes the namespace (and with it the tap, the veth pair and every rule). Idempotent.
+    /// Removes the veth pair, then the namespace (and with it the tap and every rule). Idempotent.
     pub async fn teardown(&self) -> Result<(), NetError> {
+        // The host end first, explicitly: deleting a namespace destroys its devices later, in a
+        // kernel work queue, and until then the old veth's route would shadow a new sandbox's on
+        // the same address slot.
+        if link_exists(&self.host_veth) {
+            if let Err(e) = ip(&["link", "del", &self.host_veth]).await {
+                if link_exists(&self.host_veth) {
+                    return Err(e);
+                }
+            }
+        }
         if netns_exists(&self.netns) {
             // Someone else (a concurrent teardown) may win the race; gone is gone.
             if let Err(e) = ip(&["netns", "del", &self.netns]).await {
@@ -136,16 +148,15 @@ table inet torpor_filter {{
                 }
             }
         }
-        // The host end normally vanishes with its peer; remove it ourselves if setup died halfway.
-        if link_exists(&self.host_veth) {
-            let _ = ip(&["link", "del", &self.host_veth]).await;
-        }
         Ok(())
     }
 
-    /// Forgets the guest's MAC address, after the guest changed it (a clone taking its identity).
-    pub async fn forget_guest_mac(&self) -> Result<(), NetError> {
-        ip_in_ns(&self.netns, &["neigh", "flush", "dev", TAP]).await
+    /// Tells the namespace the guest's MAC up front. Without it the first packet to a guest that
+    /// is not running yet (booting, or being restored) waits on an unanswered ARP request, whose
+    /// retry comes a full second later. `stale`: used at once, still verified and re-learned if
+    /// the guest changes its address.
+    pub async fn set_guest_mac(&self, mac: &str) -> Result<(), NetError> {
+        ip_in_ns(&self.netns, &["neigh", "replace", GUEST_IP, "lladdr", mac, "dev", TAP, "nud", "stale"]).await
     }
 
     pub fn exists(&self) -> bool {

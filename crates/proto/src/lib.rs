@@ -18,6 +18,13 @@ pub const SECRET_FW_CFG_NAME: &str = "opt/torpor/secret";
 pub const GUEST_IP: &str = "192.168.240.2";
 pub const GUEST_GATEWAY: &str = "192.168.240.1";
 pub const GUEST_PREFIX_LEN: u8 = 24;
+/// Every guest's MAC at boot, like its IP: each sits alone on its own link. Clones of a template
+/// take a random one of their own.
+pub const GUEST_MAC: &str = "02:74:70:00:00:02";
+/// The MAC of the host end of every guest's link. Fixed for the same reason: a clone restored from
+/// a template remembers the gateway's MAC from the template's neighbour cache, and a different
+/// one would leave its answers unaddressed until that cache entry expired (about a second).
+pub const GATEWAY_MAC: &str = "02:74:70:00:00:01";
 
 /// Version the supervisor reports in `Health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -27,8 +27,6 @@ use crate::guest::GuestClient;
 use crate::model::{new_sandbox_id, NetworkInfo, Sandbox, State, ValidCreate, BASE_TEMPLATE};
 use crate::store::{Record, Store, StoreError};
 
-/// Every guest has the same MAC, like the same IP: each sits alone on its own link.
-const GUEST_MAC: &str = "02:74:70:00:00:02";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 const CONSOLE_TAIL_LINES: usize = 20;
 const HEALTH_POLL: Duration = Duration::from_millis(10);
@@ -162,7 +160,7 @@ impl Manager {
 
             netns_path: torpor_net::netns_path(&self.net_for(rec).netns),
             tap: TAP.into(),
-            mac: GUEST_MAC.into(),
+            mac: torpor_proto::GUEST_MAC.into(),
             secret_file: run_dir.join("secret"),
             run_dir,
             kernel_args_extra: self.cfg.kernel_args_extra.clone(),
@@ -319,7 +317,8 @@ impl Manager {
         let guest = GuestClient::new(net.supervisor_addr(), &secret);
         let ready = async {
             self.store.set_pid(&rec.id, Some(vm.pid())).await?;
-            wait_healthy(&guest, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs))
+            let probe = GuestClient::probe(net.supervisor_addr(), &secret);
+            wait_healthy(&probe, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs))
                 .await
                 .map_err(|why| {
                     ApiError::internal(format!(
