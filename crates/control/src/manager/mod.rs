@@ -103,6 +103,9 @@ pub struct Manager {
     parked_clients: Mutex<HashMap<String, GuestClient>>,
     /// Only one base template snapshot is ever built at a time.
     base_template_lock: tokio::sync::Mutex<()>,
+    /// Held shared by a create from a template until its record exists, exclusively by whatever
+    /// removes a template's files: a template cannot vanish under a clone being made.
+    templates_lock: tokio::sync::RwLock<()>,
 }
 
 impl Manager {
@@ -118,6 +121,7 @@ impl Manager {
             op_locks: Mutex::new(HashMap::new()),
             parked_clients: Mutex::new(HashMap::new()),
             base_template_lock: tokio::sync::Mutex::new(()),
+            templates_lock: tokio::sync::RwLock::new(()),
         }))
     }
 
@@ -237,6 +241,13 @@ impl Manager {
             }
             t
         };
+        // Looked up again under the lock: it may have been replaced or removed meanwhile.
+        let _templates = self.templates_lock.read().await;
+        let template = self
+            .store
+            .template(&template.name)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("template {:?} was just removed", template.name)))?;
         let mut rec = self.new_record(&engine, &req, &template.image_dir, template.vcpus, template.memory_mib);
         rec.template_dir = Some(template.dir.clone());
         self.finish_create(rec, |rec| async move { self.clone_template(&engine, &rec, &template).await }).await

@@ -104,6 +104,7 @@ impl Manager {
             processes,
             created_at: Utc::now(),
         };
+        let _templates = self.templates_lock.write().await;
         let replaced = self.store.template(name).await?;
         self.store.insert_template(&template).await?;
         // The sandbox gave its snapshot and disk to the template; what is left of it goes.
@@ -118,6 +119,7 @@ impl Manager {
     }
 
     pub async fn delete_template(&self, name: &str) -> Result<(), ApiError> {
+        let _templates = self.templates_lock.write().await;
         let t = self
             .store
             .template(name)
