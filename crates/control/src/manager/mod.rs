@@ -41,6 +41,8 @@ pub struct Live {
     last_activity_ms: AtomicU64,
     /// Execs and file transfers in flight; a sandbox with any is never idle.
     in_flight: AtomicUsize,
+    /// Idle time after which the sandbox pauses; 0 = never.
+    idle_timeout_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -48,7 +50,7 @@ fn now_ms() -> u64 {
 }
 
 impl Live {
-    fn new(vm: Box<dyn Vm>, net: SandboxNet, guest: GuestClient) -> Arc<Self> {
+    fn new(vm: Box<dyn Vm>, net: SandboxNet, guest: GuestClient, rec: &Record) -> Arc<Self> {
         Arc::new(Self {
             vm,
             net,
@@ -56,6 +58,7 @@ impl Live {
             stopping: AtomicBool::new(false),
             last_activity_ms: AtomicU64::new(now_ms()),
             in_flight: AtomicUsize::new(0),
+            idle_timeout_ms: rec.idle_timeout_secs * 1000,
         })
     }
 
@@ -70,9 +73,11 @@ impl Live {
         Busy(self.clone())
     }
 
-    fn idle_for_ms(&self) -> Option<u64> {
-        (self.in_flight.load(Ordering::SeqCst) == 0)
-            .then(|| now_ms().saturating_sub(self.last_activity_ms.load(Ordering::SeqCst)))
+    /// Idle (nothing in flight) for at least its idle timeout; never when the timeout is 0.
+    fn due_for_pause(&self) -> bool {
+        self.idle_timeout_ms > 0
+            && self.in_flight.load(Ordering::SeqCst) == 0
+            && now_ms().saturating_sub(self.last_activity_ms.load(Ordering::SeqCst)) >= self.idle_timeout_ms
     }
 }
 
@@ -331,13 +336,7 @@ impl Manager {
             let probe = GuestClient::probe(net.supervisor_addr(), &secret);
             wait_healthy(&probe, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs))
                 .await
-                .map_err(|why| {
-                    ApiError::internal(format!(
-                        "sandbox {} did not become healthy: {why}\n--- console log (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
-                        rec.id,
-                        console_tail(&spec.console_log(), CONSOLE_TAIL_LINES)
-                    ))
-                })?;
+                .map_err(|why| with_console_tail(&spec, format!("sandbox {} did not become healthy: {why}", rec.id)))?;
             if !rec.env.is_empty() {
                 let env = rec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 guest.set_env(env).await.map_err(ApiError::from_guest)?;
@@ -349,7 +348,7 @@ impl Manager {
             let _ = net.teardown().await;
             return Err(e);
         }
-        Ok(Live::new(vm, net, guest))
+        Ok(Live::new(vm, net, guest, rec))
     }
 
     async fn start_vm(&self, engine: &Arc<dyn Engine>, spec: &VmSpec) -> Result<Box<dyn Vm>, ApiError> {
@@ -517,6 +516,20 @@ pub(super) async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Dura
             _ = tokio::time::sleep(HEALTH_POLL) => {}
         }
     }
+}
+
+/// An error about a guest that did not answer, with the end of its console log.
+pub(super) fn with_console_tail(spec: &VmSpec, message: String) -> ApiError {
+    ApiError::internal(format!(
+        "{message}\n--- console log (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
+        console_tail(&spec.console_log(), CONSOLE_TAIL_LINES)
+    ))
+}
+
+/// A supervisor client authenticated with the sandbox's own secret.
+pub(super) fn guest_client(spec: &VmSpec, net: &SandboxNet) -> Result<GuestClient, String> {
+    let secret = std::fs::read_to_string(&spec.secret_file).map_err(|e| format!("reading the sandbox secret: {e}"))?;
+    Ok(GuestClient::new(net.supervisor_addr(), secret.trim()))
 }
 
 pub fn create_private_dir(dir: &std::path::Path) -> Result<(), ApiError> {

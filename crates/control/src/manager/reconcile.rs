@@ -8,9 +8,8 @@ use std::time::Duration;
 use torpor_engine::snapshot;
 use torpor_net::SandboxNet;
 
-use super::{Live, Manager};
+use super::{guest_client, Live, Manager};
 use crate::error::ApiError;
-use crate::guest::GuestClient;
 use crate::model::State;
 use crate::store::Record;
 
@@ -103,14 +102,13 @@ impl Manager {
         if may_be_stopped && !vm.guest_running().await.map_err(|e| e.to_string())? {
             vm.continue_guest().await.map_err(|e| e.to_string())?;
         }
-        let secret = std::fs::read_to_string(&spec.secret_file).map_err(|e| format!("reading its secret: {e}"))?;
-        let guest = GuestClient::new(net.supervisor_addr(), secret.trim());
+        let guest = guest_client(&spec, net)?;
         guest.health(Duration::from_secs(5)).await.map_err(|e| format!("supervisor health check: {}", e.message()))?;
         if rec.state == State::Resuming {
             let _ = guest.sync_clock().await;
             let _ = self.store.count_resume(&rec.id).await;
         }
-        self.go_live(&rec.id, Live::new(vm, net.clone(), guest), rec.state).await.map_err(|e| e.message)?;
+        self.go_live(&rec.id, Live::new(vm, net.clone(), guest, rec), rec.state).await.map_err(|e| e.message)?;
         tracing::info!(id = %rec.id, pid, "adopted running sandbox");
         Ok(())
     }

@@ -11,9 +11,8 @@ use std::time::Duration;
 use chrono::Utc;
 use torpor_engine::snapshot;
 
-use super::{wait_healthy, Live, Manager};
+use super::{guest_client, wait_healthy, Live, Manager};
 use crate::error::ApiError;
-use crate::guest::GuestClient;
 use crate::model::{Sandbox, State, Usage};
 use crate::store::Record;
 
@@ -30,11 +29,10 @@ impl Manager {
 
     /// Pauses only if the sandbox is still idle once its op lock is held: work may have started
     /// since the sweep looked.
-    async fn pause_if_idle(self: &Arc<Self>, id: &str, timeout_ms: u64) -> Result<(), ApiError> {
+    async fn pause_if_idle(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
-        let idle = self.live_handle(id).and_then(|l| l.idle_for_ms()).is_some_and(|ms| ms >= timeout_ms);
-        if idle {
+        if self.live_handle(id).is_some_and(|l| l.due_for_pause()) {
             self.pause_locked(id).await?;
         }
         Ok(())
@@ -163,11 +161,7 @@ impl Manager {
         let parked = self.parked_clients.lock().expect("client table poisoned").remove(id);
         let guest = match parked {
             Some(client) => client,
-            None => {
-                let secret = std::fs::read_to_string(&spec.secret_file)
-                    .map_err(|e| ApiError::internal(format!("reading the sandbox secret: {e}")))?;
-                GuestClient::new(net.supervisor_addr(), secret.trim())
-            }
+            None => guest_client(&spec, &net).map_err(ApiError::internal)?,
         };
         let ready = async {
             wait_healthy(&guest, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs)).await?;
@@ -181,7 +175,7 @@ impl Manager {
             return Err(e);
         }
         self.store.count_resume(id).await?;
-        self.go_live(id, Live::new(vm, net, guest), State::Resuming).await?;
+        self.go_live(id, Live::new(vm, net, guest, rec), State::Resuming).await?;
         // restored_ms: VMM start, state load and `cont`; the rest is the guest answering again.
         tracing::info!(%id, ms = started.elapsed().as_millis() as u64, restored_ms, "sandbox resumed");
         Ok(())
@@ -249,17 +243,16 @@ impl Manager {
             tick.tick().await;
             let candidates: Vec<(String, Arc<Live>)> =
                 self.live.lock().expect("live table poisoned").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            // The live table holds only sandboxes this daemon runs, each with its own timeout:
+            // the sweep needs no store reads.
             for (id, live) in candidates {
-                let Some(idle_ms) = live.idle_for_ms() else { continue };
-                let Ok(Some(rec)) = self.store.get(&id).await else { continue };
-                if rec.state != State::Running || rec.idle_timeout_secs == 0 || idle_ms < rec.idle_timeout_secs * 1000 {
+                if !live.due_for_pause() {
                     continue;
                 }
                 let manager = self.clone();
-                let timeout_ms = rec.idle_timeout_secs * 1000;
                 tokio::spawn(async move {
-                    tracing::info!(%id, idle_secs = idle_ms / 1000, "auto-pausing idle sandbox");
-                    if let Err(e) = manager.pause_if_idle(&id, timeout_ms).await {
+                    tracing::info!(%id, "auto-pausing idle sandbox");
+                    if let Err(e) = manager.pause_if_idle(&id).await {
                         tracing::warn!(%id, error = %e.message, "auto-pause failed");
                     }
                 });

@@ -14,7 +14,7 @@ use rand::RngCore;
 use torpor_engine::{snapshot, Engine};
 use torpor_proto::supervisor::IdentityRequest;
 
-use super::{create_private_dir, ensure_secret, wait_healthy, Live, Manager, CONSOLE_TAIL_LINES};
+use super::{create_private_dir, ensure_secret, wait_healthy, with_console_tail, Live, Manager};
 use crate::error::ApiError;
 use crate::guest::GuestClient;
 use crate::model::{validate_template_name, State, Template, ValidCreate, BASE_TEMPLATE};
@@ -182,12 +182,10 @@ impl Manager {
             wait_healthy(&template_guest, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs))
                 .await
                 .map_err(|why| {
-                    ApiError::internal(format!(
-                        "sandbox {} did not answer after restoring template {}: {why}\n--- console log (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
-                        rec.id,
-                        template.name,
-                        torpor_engine::console_tail(&spec.console_log(), CONSOLE_TAIL_LINES)
-                    ))
+                    with_console_tail(
+                        &spec,
+                        format!("sandbox {} did not answer after restoring template {}: {why}", rec.id, template.name),
+                    )
                 })?;
             let answered_ms = t0.elapsed().as_millis() as u64;
             let identity = identity_for(&rec.id, &secret);
@@ -207,7 +205,7 @@ impl Manager {
             Ok::<_, ApiError>(guest)
         };
         match ready.await {
-            Ok(guest) => Ok(Live::new(vm, net, guest)),
+            Ok(guest) => Ok(Live::new(vm, net, guest, rec)),
             Err(e) => {
                 vm.terminate().await;
                 let _ = net.teardown().await;
