@@ -99,7 +99,8 @@ async fn bench_create(
         let before = meminfo_kib("MemAvailable");
         let start = Instant::now();
         let req = CreateSandbox { vcpus: Some(vcpus), memory_mib: Some(memory), ..Default::default() };
-        let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating a sandbox")?;
+        let sandbox: Sandbox =
+            client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating a sandbox")?;
         let first = exec_true(&client, &sandbox.id).await;
         let created = start.elapsed();
         let result = async {
@@ -123,7 +124,12 @@ async fn bench_create(
         eprintln!("run {run}/{runs}: create → first exec {:.0} ms", created.as_secs_f64() * 1e3);
     }
     let line = |name: &str, s: &[f64], unit: &str| {
-        println!("{name:<36} p50 {:>9.1} {unit:<4} p95 {:>9.1} {unit:<4} (n={})", percentile(s, 50.0), percentile(s, 95.0), s.len());
+        println!(
+            "{name:<36} p50 {:>9.1} {unit:<4} p95 {:>9.1} {unit:<4} (n={})",
+            percentile(s, 50.0),
+            percentile(s, 95.0),
+            s.len()
+        );
     };
     println!("accelerator: {accel}   vcpus: {vcpus}   memory: {memory} MiB   runs: {runs}");
     line("create → first successful exec", &create_ms, "ms");

@@ -14,7 +14,8 @@ use crate::client::Client;
 async fn create(client: &Client, memory: Option<u32>, cold: bool) -> Result<(Sandbox, f64)> {
     let start = Instant::now();
     let req = CreateSandbox { memory_mib: memory, idle_timeout_secs: Some(0), cold_boot: cold, ..Default::default() };
-    let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating a sandbox")?;
+    let sandbox: Sandbox =
+        client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating a sandbox")?;
     exec_true(client, &sandbox.id).await?;
     Ok((sandbox, start.elapsed().as_secs_f64() * 1e3))
 }
@@ -59,7 +60,12 @@ async fn cycles(client: &Client, memory: u32, cycles: usize) -> Result<Cycles> {
 }
 
 fn line(name: &str, s: &[f64], unit: &str) {
-    println!("{name:<40} p50 {:>9.1} {unit:<4} p95 {:>9.1} {unit:<4} (n={})", percentile(s, 50.0), percentile(s, 95.0), s.len());
+    println!(
+        "{name:<40} p50 {:>9.1} {unit:<4} p95 {:>9.1} {unit:<4} (n={})",
+        percentile(s, 50.0),
+        percentile(s, 95.0),
+        s.len()
+    );
 }
 
 pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) -> Result<()> {
@@ -102,9 +108,8 @@ pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) ->
         for entry in std::fs::read_dir("/proc").context("listing /proc")?.flatten() {
             let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let belongs = cmdline
-                .split(|b| *b == 0)
-                .any(|arg| ids.iter().any(|id| arg == format!("torpor-{id}").as_bytes()));
+            let belongs =
+                cmdline.split(|b| *b == 0).any(|arg| ids.iter().any(|id| arg == format!("torpor-{id}").as_bytes()));
             if belongs {
                 qemu_rss_kib += crate::bench::proc_kib(pid, "status", "VmRSS").unwrap_or(0);
             }
@@ -127,11 +132,13 @@ pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) ->
     line("bytes on disk while paused, 256 MiB", &small.paused_bytes, "MiB");
     line("bytes on disk while paused, 2 GiB", &large.paused_bytes, "MiB");
     line("bytes on disk while paused, 512 MiB", &paused_disk, "MiB");
-    println!("{:<40} {} KiB in VM processes for {} paused sandboxes", "host RSS of paused sandboxes", qemu_rss_kib, ids.len());
     println!(
-        "ratio cold / from template: {:.1}x (p50)",
-        percentile(&cold, 50.0) / percentile(&restored, 50.0)
+        "{:<40} {} KiB in VM processes for {} paused sandboxes",
+        "host RSS of paused sandboxes",
+        qemu_rss_kib,
+        ids.len()
     );
+    println!("ratio cold / from template: {:.1}x (p50)", percentile(&cold, 50.0) / percentile(&restored, 50.0));
     println!(
         "ratio 2 GiB / 256 MiB: pause {:.2}x, resume → exec {:.2}x (p50)",
         percentile(&large.pause_ms, 50.0) / percentile(&small.pause_ms, 50.0),

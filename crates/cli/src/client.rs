@@ -70,7 +70,12 @@ impl Client {
         Err(ApiFailure { status, message }.into())
     }
 
-    pub async fn json<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T> {
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
         let mut req = self.request(method, path);
         if let Some(body) = body {
             req = req.json(body);

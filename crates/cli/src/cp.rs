@@ -54,7 +54,8 @@ pub async fn run(client: &Client, src: &str, dst: &str) -> Result<()> {
             if local.is_dir() {
                 local.push(file_name(&path).unwrap_or("file"));
             }
-            let req = client.request(Method::GET, &format!("/v1/sandboxes/{id}/files")).query(&[("path", path.as_str())]);
+            let req =
+                client.request(Method::GET, &format!("/v1/sandboxes/{id}/files")).query(&[("path", path.as_str())]);
             let resp = client.send(req).await?;
             let mode = resp
                 .headers()
@@ -64,7 +65,8 @@ pub async fn run(client: &Client, src: &str, dst: &str) -> Result<()> {
                 .unwrap_or(0o644);
             // Write beside the target and rename, so a failed copy never leaves a partial file.
             let dir = local.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+            let tmp = tempfile::NamedTempFile::new_in(dir)
+                .with_context(|| format!("creating a file in {}", dir.display()))?;
             let mut out = tokio::fs::File::from_std(tmp.reopen()?);
             let mut stream = resp.bytes_stream();
             while let Some(chunk) = stream.next().await {
@@ -75,7 +77,9 @@ pub async fn run(client: &Client, src: &str, dst: &str) -> Result<()> {
             tmp.persist(&local).with_context(|| format!("writing {}", local.display()))?;
             Ok(())
         }
-        (Endpoint::Guest { .. }, Endpoint::Guest { .. }) => bail!("copying between two sandboxes is not supported; copy through the host"),
+        (Endpoint::Guest { .. }, Endpoint::Guest { .. }) => {
+            bail!("copying between two sandboxes is not supported; copy through the host")
+        }
         (Endpoint::Local(_), Endpoint::Local(_)) => bail!("one side must be a sandbox path, ID:/absolute/path"),
     }
 }

@@ -58,14 +58,18 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
     opts.disk_size_mib = disk_size_mib;
     let bar = ProgressBar::new(4);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix} [{elapsed_precise}] {wide_msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template("{spinner} {prefix} [{elapsed_precise}] {wide_msg}").expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     let result = torpor_image::build(&store, &template, &opts, &Bar(bar.clone()));
     bar.finish_and_clear();
     let (image, built) = result?;
     let verb = if built { "built" } else { "up to date:" };
-    println!("{verb} {} (kernel {} {})", image.dir.display(), image.manifest.kernel_package, image.manifest.kernel_version);
+    println!(
+        "{verb} {} (kernel {} {})",
+        image.dir.display(),
+        image.manifest.kernel_package,
+        image.manifest.kernel_version
+    );
     Ok(())
 }

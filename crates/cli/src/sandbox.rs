@@ -202,7 +202,10 @@ fn print_sandbox(s: &Sandbox) {
     println!("vcpus:       {}", s.vcpus);
     println!("memory:      {} MiB", s.memory_mib);
     println!("accelerator: {}", s.accelerator);
-    println!("idle pause:  {}", if s.idle_timeout_secs == 0 { "never".to_owned() } else { format!("after {} s", s.idle_timeout_secs) });
+    println!(
+        "idle pause:  {}",
+        if s.idle_timeout_secs == 0 { "never".to_owned() } else { format!("after {} s", s.idle_timeout_secs) }
+    );
     if let Some(pid) = s.pid {
         println!("vm pid:      {pid}");
     }

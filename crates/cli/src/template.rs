@@ -157,7 +157,9 @@ async fn build(client: &Client, name: &str, file: &Path) -> Result<()> {
     let base_dir = file.parent().unwrap_or(Path::new("."));
     let steps = 2 + spec.files.len() + spec.runs.len() + spec.processes.len();
     let bar = ProgressBar::new(steps as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] [{elapsed_precise}] {wide_msg}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{pos}/{len}] [{elapsed_precise}] {wide_msg}").expect("valid template"),
+    );
     bar.enable_steady_tick(Duration::from_millis(120));
 
     bar.set_message("booting the build VM");
@@ -169,14 +171,21 @@ async fn build(client: &Client, name: &str, file: &Path) -> Result<()> {
         cold_boot: true,
         ..Default::default()
     };
-    let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating the build VM")?;
+    let sandbox: Sandbox =
+        client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating the build VM")?;
     let id = sandbox.id.clone();
     bar.inc(1);
     let result = build_in(client, &id, name, &spec, base_dir, &bar).await;
     bar.finish_and_clear();
     match result {
         Ok(t) => {
-            println!("template {} built: {} vCPU, {} MiB, running: {}", t.name, t.vcpus, t.memory_mib, t.processes.join(", "));
+            println!(
+                "template {} built: {} vCPU, {} MiB, running: {}",
+                t.name,
+                t.vcpus,
+                t.memory_mib,
+                t.processes.join(", ")
+            );
             Ok(())
         }
         Err(e) => {

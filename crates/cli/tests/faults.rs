@@ -34,7 +34,13 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     }
 
     // Malformed JSON.
-    let resp = d.request(Method::POST, "/v1/sandboxes").header("content-type", "application/json").body("{\"vcpus\": ").send().await.unwrap();
+    let resp = d
+        .request(Method::POST, "/v1/sandboxes")
+        .header("content-type", "application/json")
+        .body("{\"vcpus\": ")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "invalid_request");
@@ -67,7 +73,8 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             let (status, err) = d.call(method.clone(), &path, None).await;
             assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {err}");
         }
-        let (status, _) = d.call(Method::POST, &format!("/v1/sandboxes/{bad}/exec"), Some(json!({"argv": ["true"]}))).await;
+        let (status, _) =
+            d.call(Method::POST, &format!("/v1/sandboxes/{bad}/exec"), Some(json!({"argv": ["true"]}))).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
 
@@ -105,7 +112,12 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let resp = d.request(Method::PUT, &url).body(big.clone()).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(8192).map(|c| Ok(c.to_vec())).collect();
-    let resp = d.request(Method::PUT, &url).body(reqwest::Body::wrap_stream(futures::stream::iter(chunks))).send().await.unwrap();
+    let resp = d
+        .request(Method::PUT, &url)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE, "{}", resp.text().await.unwrap());
     let (code, out, _) = d.exec(&id, &["sh", "-c", "ls -A /root/up 2>/dev/null | wc -l"]).await;
     assert_eq!((code, String::from_utf8_lossy(&out).trim()), (Some(0), "0"), "upload left files behind");
@@ -124,7 +136,11 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_qemu_or_image_says_what_to_run() {
-    let d = Daemon::start_with(Options { extra_config: "qemu = \"/nonexistent/qemu-system-x86_64\"".into(), ..Default::default() }).await;
+    let d = Daemon::start_with(Options {
+        extra_config: "qemu = \"/nonexistent/qemu-system-x86_64\"".into(),
+        ..Default::default()
+    })
+    .await;
     let (status, err) = d.call(Method::POST, "/v1/sandboxes", Some(json!({}))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(message(&err).contains("apt-get install qemu-system-x86"), "{err}");

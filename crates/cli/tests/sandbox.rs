@@ -38,11 +38,13 @@ async fn debian_sandbox_runs_commands_and_moves_files() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().await.unwrap());
-    let (_, out, _) = d.exec(id, &["sh", "-c", "sha256sum /root/data/random.bin; stat -c %a /root/data/random.bin"]).await;
+    let (_, out, _) =
+        d.exec(id, &["sh", "-c", "sha256sum /root/data/random.bin; stat -c %a /root/data/random.bin"]).await;
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with(&sha256(&data)), "{out}");
     assert!(out.ends_with("600\n"), "{out}");
-    let resp = d.request(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/root/data/random.bin")).send().await.unwrap();
+    let resp =
+        d.request(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/root/data/random.bin")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-torpor-mode"], "600");
     assert!(resp.bytes().await.unwrap() == data, "downloaded bytes differ");
@@ -119,7 +121,8 @@ async fn debian_sandbox_runs_commands_and_moves_files() {
     assert!(!d.server_log().contains("did not power off cleanly"), "stop was not clean:\n{}", d.server_log());
     drop(held);
     assert_nothing_left(&d, id, true);
-    let (status, err) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(json!({"argv": ["true"]}))).await;
+    let (status, err) =
+        d.call(Method::POST, &format!("/v1/sandboxes/{id}/exec"), Some(json!({"argv": ["true"]}))).await;
     assert_eq!(status, StatusCode::CONFLICT, "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains("stopped"), "{err}");
     let (status, _) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/stop"), None).await;
@@ -169,12 +172,19 @@ async fn cli_create_exec_cp_stop_rm() {
     // A relative guest path is refused with a clear message.
     let out = d.cli(&["sandbox", "cp", local.to_str().unwrap(), &format!("{id}:relative/path")], b"");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("must be absolute"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must be absolute"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // get --json is the API's JSON.
     let out = d.cli(&["sandbox", "get", &id, "--json"], b"");
     let sb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((sb["id"].as_str(), sb["memory_mib"].as_u64(), sb["state"].as_str()), (Some(id.as_str()), Some(384), Some("running")));
+    assert_eq!(
+        (sb["id"].as_str(), sb["memory_mib"].as_u64(), sb["state"].as_str()),
+        (Some(id.as_str()), Some(384), Some("running"))
+    );
 
     let out = d.cli(&["sandbox", "stop", &id], b"");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -192,7 +202,8 @@ async fn four_sandboxes_at_once_are_isolated() {
     let creates = (0..4).map(|_| d.create(json!({})));
     let sandboxes = futures::future::join_all(creates).await;
     let ids: Vec<String> = sandboxes.iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect();
-    let addrs: Vec<String> = sandboxes.iter().map(|s| s["network"]["host_address"].as_str().unwrap().to_owned()).collect();
+    let addrs: Vec<String> =
+        sandboxes.iter().map(|s| s["network"]["host_address"].as_str().unwrap().to_owned()).collect();
     let mut unique = addrs.clone();
     unique.sort();
     unique.dedup();
@@ -209,7 +220,16 @@ async fn four_sandboxes_at_once_are_isolated() {
 
         // And cannot reach another sandbox's supervisor, nor the host side of its own link.
         let other = &addrs[(i + 1) % 4];
-        let own_host = format!("{}:50051", addrs[i].split(':').next().unwrap().rsplit_once('.').map(|(a, b)| format!("{a}.{}", b.parse::<u8>().unwrap() - 1)).unwrap());
+        let own_host = format!(
+            "{}:50051",
+            addrs[i]
+                .split(':')
+                .next()
+                .unwrap()
+                .rsplit_once('.')
+                .map(|(a, b)| format!("{a}.{}", b.parse::<u8>().unwrap() - 1))
+                .unwrap()
+        );
         for target in [other.clone(), own_host] {
             let (host, port) = target.split_once(':').unwrap();
             let probe = format!(

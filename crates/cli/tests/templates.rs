@@ -55,7 +55,8 @@ async fn a_template_build_snapshots_running_processes_and_clones_are_unique() {
     }
 
     // Each clone is its own machine.
-    let identity = "hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address; head -c 16 /dev/urandom | od -An -tx1";
+    let identity =
+        "hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address; head -c 16 /dev/urandom | od -An -tx1";
     let (_, ia, _) = d.exec(&a, &["sh", "-c", identity]).await;
     let (_, ib, _) = d.exec(&b, &["sh", "-c", identity]).await;
     let (ia, ib) = (String::from_utf8(ia).unwrap(), String::from_utf8(ib).unwrap());

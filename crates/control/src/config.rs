@@ -91,7 +91,8 @@ impl Config {
         let config = match path {
             None => Config::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 toml::from_str(&text).map_err(|e| ConfigError::Parse { path, message: e.to_string() })?
             }
         };

@@ -50,8 +50,8 @@ impl GuestClient {
             .http2_keep_alive_interval(Duration::from_secs(30));
         let channel = endpoint.connect_lazy();
         let header = format!("Bearer {secret}").parse().expect("hex secret is valid ASCII");
-        let client = SupervisorClient::with_interceptor(channel, Auth { header })
-            .max_decoding_message_size(16 * 1024 * 1024);
+        let client =
+            SupervisorClient::with_interceptor(channel, Auth { header }).max_decoding_message_size(16 * 1024 * 1024);
         Self { client }
     }
 

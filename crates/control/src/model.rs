@@ -49,8 +49,8 @@ impl State {
             State::Stopped,
             State::Failed,
         ]
-            .into_iter()
-            .find(|st| st.as_str() == s)
+        .into_iter()
+        .find(|st| st.as_str() == s)
     }
 }
 
@@ -125,7 +125,8 @@ pub const MAX_IDLE_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
 impl CreateSandbox {
     pub fn validate(self, cfg: &Config) -> Result<ValidCreate, ApiError> {
         let template = self.template.unwrap_or_else(|| BASE_TEMPLATE.into());
-        validate_template_name(&template).map_err(|e| ApiError::not_found(format!("unknown template: {}", e.message)))?;
+        validate_template_name(&template)
+            .map_err(|e| ApiError::not_found(format!("unknown template: {}", e.message)))?;
         if let Some(vcpus) = self.vcpus.filter(|v| *v == 0 || *v > cfg.max_vcpus) {
             return Err(ApiError::invalid(format!("vcpus must be between 1 and {}, got {vcpus}", cfg.max_vcpus)));
         }
@@ -232,8 +233,7 @@ pub fn new_sandbox_id() -> String {
 }
 
 pub fn is_valid_sandbox_id(id: &str) -> bool {
-    id.strip_prefix(ID_PREFIX)
-        .is_some_and(|s| s.len() == 10 && s.bytes().all(|b| ID_ALPHABET.contains(&b)))
+    id.strip_prefix(ID_PREFIX).is_some_and(|s| s.len() == 10 && s.bytes().all(|b| ID_ALPHABET.contains(&b)))
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
@@ -277,13 +277,26 @@ impl ExecRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
-    Started { exec_id: String, pid: u32 },
+    Started {
+        exec_id: String,
+        pid: u32,
+    },
     /// Base64 bytes.
-    Stdout { data: String },
+    Stdout {
+        data: String,
+    },
     /// Base64 bytes.
-    Stderr { data: String },
-    Exit { code: Option<i32>, signal: Option<i32>, timed_out: bool },
-    Error { message: String },
+    Stderr {
+        data: String,
+    },
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// What a WebSocket client may send after its first (ExecRequest) message.

@@ -28,7 +28,10 @@ pub enum ServerError {
 }
 
 /// Runs the daemon until `shutdown` resolves. Sandboxes keep running after it returns.
-pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err(ServerError::NotRoot);
     }
@@ -71,7 +74,8 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
 
     tokio::spawn(manager.clone().auto_pause());
 
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
     tracing::info!(%listen, data_dir = %cfg.data_dir.display(), "torpor API listening");
     let app = router(AppState { manager, api_key: Arc::new(api_key) });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)

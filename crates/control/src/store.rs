@@ -198,7 +198,11 @@ impl Store {
                 .await?;
             }
             if to == State::Running && current != State::Running {
-                sqlx::query("UPDATE sandboxes SET running_since = ? WHERE id = ?").bind(now.to_rfc3339()).bind(id).execute(&mut *tx).await?;
+                sqlx::query("UPDATE sandboxes SET running_since = ? WHERE id = ?")
+                    .bind(now.to_rfc3339())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
             }
             if current == State::Paused && to != State::Paused {
                 sqlx::query(
@@ -211,7 +215,11 @@ impl Store {
                 .await?;
             }
             if to == State::Paused && current != State::Paused {
-                sqlx::query("UPDATE sandboxes SET paused_since = ? WHERE id = ?").bind(now.to_rfc3339()).bind(id).execute(&mut *tx).await?;
+                sqlx::query("UPDATE sandboxes SET paused_since = ? WHERE id = ?")
+                    .bind(now.to_rfc3339())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         tx.commit().await?;
@@ -232,7 +240,11 @@ impl Store {
     /// Bytes the sandbox stores while paused; set just before the move to `paused`.
     pub async fn set_paused_bytes(&self, id: &str, bytes: u64) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
-        sqlx::query("UPDATE sandboxes SET paused_bytes = ? WHERE id = ?").bind(bytes as i64).bind(id).execute(&self.pool).await?;
+        sqlx::query("UPDATE sandboxes SET paused_bytes = ? WHERE id = ?")
+            .bind(bytes as i64)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -269,7 +281,10 @@ impl Store {
 
     /// Sandboxes whose disk or memory still depends on files in `dir`.
     pub async fn users_of_template_dir(&self, dir: &str) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT id FROM sandboxes WHERE template_dir = ?").bind(dir).fetch_all(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT id FROM sandboxes WHERE template_dir = ?")
+            .bind(dir)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     pub async fn count_resume(&self, id: &str) -> Result<(), StoreError> {
@@ -332,7 +347,9 @@ fn decode_template(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, Stor
         vcpus: row.try_get::<i64, _>("vcpus")? as u32,
         memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
         processes: serde_json::from_str(&processes).map_err(|e| corrupt(e.to_string()))?,
-        created_at: DateTime::parse_from_rfc3339(&created).map(|t| t.with_timezone(&Utc)).map_err(|e| corrupt(e.to_string()))?,
+        created_at: DateTime::parse_from_rfc3339(&created)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| corrupt(e.to_string()))?,
         name,
     })
 }
@@ -411,7 +428,10 @@ mod tests {
         assert_eq!(store.insert(&record("d"), 3).await.unwrap(), 3);
         assert!(matches!(store.insert(&record("e"), 3).await, Err(StoreError::PoolExhausted(3))));
 
-        assert_eq!(store.transition("b", &[State::Creating], State::Running, None).await.unwrap(), Some(State::Creating));
+        assert_eq!(
+            store.transition("b", &[State::Creating], State::Running, None).await.unwrap(),
+            Some(State::Creating)
+        );
         // Not allowed from `running`: state stays.
         assert_eq!(store.transition("b", &[State::Stopped], State::Running, None).await.unwrap(), Some(State::Running));
         store.transition("b", &[State::Running], State::Failed, Some("boom")).await.unwrap();

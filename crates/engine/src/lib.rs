@@ -4,12 +4,12 @@
 
 mod accel;
 mod process;
+pub mod qemu;
 pub mod snapshot;
 mod tsc;
-pub mod qemu;
 
-pub use snapshot::{SnapshotError, SnapshotMeta};
 pub use accel::{choose as choose_accel, Accel, AccelChoice, AccelPreference, HostVirt};
+pub use snapshot::{SnapshotError, SnapshotMeta};
 
 use std::path::PathBuf;
 

@@ -120,11 +120,13 @@ pub fn verify(run_dir: &Path, vcpus: u32, memory_mib: u32) -> Result<SnapshotMet
     let path = run_dir.join(META);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SnapshotError::Missing(run_dir.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SnapshotError::Missing(run_dir.to_path_buf()))
+        }
         Err(e) => return Err(SnapshotError::Unreadable { path, reason: e.to_string() }),
     };
-    let meta: SnapshotMeta =
-        serde_json::from_str(&text).map_err(|e| SnapshotError::Unreadable { path: path.clone(), reason: e.to_string() })?;
+    let meta: SnapshotMeta = serde_json::from_str(&text)
+        .map_err(|e| SnapshotError::Unreadable { path: path.clone(), reason: e.to_string() })?;
     if meta.format != FORMAT {
         return Err(SnapshotError::Format { found: meta.format });
     }
@@ -135,7 +137,8 @@ pub fn verify(run_dir: &Path, vcpus: u32, memory_mib: u32) -> Result<SnapshotMet
         });
     }
     let state = state_file(run_dir);
-    let (bytes, sha) = sha256_file(&state).map_err(|e| SnapshotError::Corrupt { path: state.clone(), reason: e.to_string() })?;
+    let (bytes, sha) =
+        sha256_file(&state).map_err(|e| SnapshotError::Corrupt { path: state.clone(), reason: e.to_string() })?;
     if bytes != meta.state_bytes {
         return Err(SnapshotError::Corrupt {
             path: state,
@@ -148,7 +151,10 @@ pub fn verify(run_dir: &Path, vcpus: u32, memory_mib: u32) -> Result<SnapshotMet
     let mem = memory_file(run_dir);
     let mem_len = std::fs::metadata(&mem).map(|m| m.len()).unwrap_or(0);
     if mem_len != u64::from(memory_mib) << 20 {
-        return Err(SnapshotError::Corrupt { path: mem, reason: format!("{mem_len} bytes, expected {} MiB", memory_mib) });
+        return Err(SnapshotError::Corrupt {
+            path: mem,
+            reason: format!("{mem_len} bytes, expected {} MiB", memory_mib),
+        });
     }
     Ok(meta)
 }
@@ -162,9 +168,7 @@ pub fn consume(run_dir: &Path) -> Result<(), SnapshotError> {
         Err(e) => return Err(io(format!("removing {}", run_dir.join(META).display()))(e)),
     }
     let _ = std::fs::remove_file(state_file(run_dir));
-    std::fs::File::open(run_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(format!("syncing {}", run_dir.display())))
+    std::fs::File::open(run_dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing {}", run_dir.display())))
 }
 
 /// Removes every snapshot file, RAM included (before a cold boot).

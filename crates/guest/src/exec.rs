@@ -43,8 +43,7 @@ impl Running {
             .ok_or_else(|| Status::not_found(format!("no running exec with id {exec_id:?}")))?;
         let signal = Signal::try_from(signal)
             .map_err(|_| Status::invalid_argument(format!("unknown signal number {signal}")))?;
-        killpg(Pid::from_raw(pgid), signal)
-            .map_err(|e| Status::internal(format!("signalling exec {exec_id}: {e}")))
+        killpg(Pid::from_raw(pgid), signal).map_err(|e| Status::internal(format!("signalling exec {exec_id}: {e}")))
     }
 
     fn insert(&self, exec_id: &str, pgid: i32) -> Result<(), Status> {
@@ -74,8 +73,7 @@ impl Running {
     }
 }
 
-pub type OutputStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<ExecOutput, Status>> + Send>>;
+pub type OutputStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<ExecOutput, Status>> + Send>>;
 
 /// Starts the exec described by the first message of `input` and returns its output stream.
 pub async fn start(
@@ -93,7 +91,8 @@ pub async fn start(
         return Err(Status::invalid_argument("argv must name a program"));
     }
     let mut cmd = build_command(&start, default_env)?;
-    let exec_id = if start.exec_id.is_empty() { format!("anon-{}", rand::random::<u64>()) } else { start.exec_id.clone() };
+    let exec_id =
+        if start.exec_id.is_empty() { format!("anon-{}", rand::random::<u64>()) } else { start.exec_id.clone() };
     // Reserve the id first: a duplicate must be refused before anything runs.
     running.insert(&exec_id, 0)?;
     let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
@@ -272,11 +271,7 @@ async fn forward_output(
             None | Some(Ok(0)) | Some(Err(_)) => return,
             Some(Ok(n)) => {
                 let data = buf[..n].to_vec();
-                let kind = if is_stderr {
-                    exec_output::Kind::Stderr(data)
-                } else {
-                    exec_output::Kind::Stdout(data)
-                };
+                let kind = if is_stderr { exec_output::Kind::Stderr(data) } else { exec_output::Kind::Stdout(data) };
                 if tx.send(Ok(output(kind))).await.is_err() {
                     return;
                 }

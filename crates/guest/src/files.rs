@@ -17,8 +17,7 @@ use torpor_proto::supervisor::{
 
 const CHUNK: usize = 256 * 1024;
 
-pub type ReadStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<ReadFileOutput, Status>> + Send>>;
+pub type ReadStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<ReadFileOutput, Status>> + Send>>;
 
 fn absolute(path: &str) -> Result<&Path, Status> {
     if path.is_empty() || !path.starts_with('/') {
@@ -33,7 +32,9 @@ fn io_status(context: &str, path: &Path, e: std::io::Error) -> Status {
     match e.kind() {
         NotFound => Status::not_found(msg),
         PermissionDenied => Status::permission_denied(msg),
-        IsADirectory | NotADirectory | InvalidFilename | ReadOnlyFilesystem | AlreadyExists => Status::invalid_argument(msg),
+        IsADirectory | NotADirectory | InvalidFilename | ReadOnlyFilesystem | AlreadyExists => {
+            Status::invalid_argument(msg)
+        }
         StorageFull | QuotaExceeded | FileTooLarge => Status::resource_exhausted(msg),
         _ => Status::internal(msg),
     }

@@ -22,7 +22,8 @@ pub fn apply(req: &IdentityRequest) -> Result<()> {
     if !req.entropy.is_empty() {
         // Clones share the template's RNG state: mix in fresh host entropy and reseed, so no
         // two clones produce the same "random" numbers.
-        let mut urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom").context("opening /dev/urandom")?;
+        let mut urandom =
+            std::fs::OpenOptions::new().write(true).open("/dev/urandom").context("opening /dev/urandom")?;
         urandom.write_all(&req.entropy).context("writing entropy")?;
         use std::os::fd::AsRawFd;
         // SAFETY: a request-only ioctl on a descriptor we own.

@@ -63,10 +63,7 @@ impl Supervisor for Service {
         Ok(Response::new(files::read(&req.into_inner().path).await?))
     }
 
-    async fn write_file(
-        &self,
-        req: Request<Streaming<WriteFileInput>>,
-    ) -> Result<Response<WriteFileResponse>, Status> {
+    async fn write_file(&self, req: Request<Streaming<WriteFileInput>>) -> Result<Response<WriteFileResponse>, Status> {
         let bytes_written = files::write(req.into_inner()).await?;
         Ok(Response::new(WriteFileResponse { bytes_written }))
     }

@@ -16,8 +16,18 @@ const FORMAT: u32 = 1;
 const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 pub const DEFAULT_PACKAGES: &[&str] = &[
-    "bash", "coreutils", "apt", "ca-certificates", "curl", "git", "python3", "iproute2", "procps",
-    "kmod", "less", "netbase",
+    "bash",
+    "coreutils",
+    "apt",
+    "ca-certificates",
+    "curl",
+    "git",
+    "python3",
+    "iproute2",
+    "procps",
+    "kmod",
+    "less",
+    "netbase",
 ];
 
 #[derive(Debug, Clone)]
@@ -58,8 +68,7 @@ pub fn build(
     progress: &dyn Progress,
 ) -> Result<(GuestImage, bool), ImageError> {
     check_tools()?;
-    std::fs::create_dir_all(store.root().join("cache"))
-        .map_err(io(format!("creating {}", store.root().display())))?;
+    std::fs::create_dir_all(store.root().join("cache")).map_err(io(format!("creating {}", store.root().display())))?;
     if !opts.guest_binary.is_file() {
         return Err(ImageError::GuestBinaryMissing(opts.guest_binary.clone()));
     }
@@ -141,9 +150,7 @@ fn check_tools() -> Result<(), ImageError> {
 }
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file())).unwrap_or(false)
 }
 
 /// Runs `cmd`, returning its stdout; a failure carries the tail of its output.
@@ -272,7 +279,11 @@ fn build_rootfs(out: &Path, opts: &BuildOptions, progress: &dyn Progress) -> Res
     let status = child.wait().map_err(io("waiting for mmdebstrap"))?;
     if !status.success() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(ImageError::Command { what: "mmdebstrap".into(), status: status.to_string(), output: last.join("\n") });
+        return Err(ImageError::Command {
+            what: "mmdebstrap".into(),
+            status: status.to_string(),
+            output: last.join("\n"),
+        });
     }
     std::fs::rename(&tmp, out).map_err(io(format!("renaming into {}", out.display())))?;
     Ok(())

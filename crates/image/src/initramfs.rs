@@ -10,8 +10,7 @@ use crate::{io, ImageError};
 
 /// Modules needed before the root disk can be mounted and the supervisor can talk: the mmio
 /// transport, disk, network, console, and fw_cfg (which carries the sandbox secret).
-pub const MODULES: &[&str] =
-    &["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "qemu_fw_cfg"];
+pub const MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "qemu_fw_cfg"];
 
 pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 # torpor initramfs: load virtio modules, mount the root disk, exec the supervisor as PID 1.

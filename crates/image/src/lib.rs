@@ -7,9 +7,9 @@ mod build;
 mod initramfs;
 mod store;
 
+pub use build::DEFAULT_PACKAGES;
 pub use build::{build, BuildOptions, Progress};
 pub use store::{GuestImage, ImageStore, Manifest};
-pub use build::DEFAULT_PACKAGES;
 
 use std::path::PathBuf;
 

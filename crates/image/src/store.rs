@@ -37,7 +37,8 @@ impl GuestImage {
     }
 
     fn check(&self) -> Result<(), ImageError> {
-        for (path, name) in [(self.kernel(), "vmlinuz"), (self.initrd(), "initrd.img"), (self.rootfs(), "rootfs.ext4")] {
+        for (path, name) in [(self.kernel(), "vmlinuz"), (self.initrd(), "initrd.img"), (self.rootfs(), "rootfs.ext4")]
+        {
             if !path.is_file() {
                 return Err(ImageError::Incomplete { dir: self.dir.clone(), missing: name });
             }
@@ -79,10 +80,8 @@ impl ImageStore {
 
     pub fn open(&self, dir: &Path) -> Result<GuestImage, ImageError> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|_| ImageError::Incomplete {
-            dir: dir.to_path_buf(),
-            missing: "manifest.json",
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|_| ImageError::Incomplete { dir: dir.to_path_buf(), missing: "manifest.json" })?;
         let manifest = serde_json::from_str(&text).map_err(|source| ImageError::Manifest { path, source })?;
         let image = GuestImage { dir: dir.to_path_buf(), manifest };
         image.check()?;

@@ -97,7 +97,8 @@ impl Daemon {
 
     /// Starts (or restarts) the server process and waits for it to answer.
     pub async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.home.path().join("server.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.home.path().join("server.log")).unwrap();
         let child = Command::new(TORPOR)
             .args(["server", "--config"])
             .arg(&self.config_path)
@@ -242,7 +243,10 @@ impl Drop for Daemon {
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
                 for pid in vm_pids(&id) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
                 let _ = Command::new("ip").args(["netns", "del", &format!("torpor-{id}")]).status();
             }

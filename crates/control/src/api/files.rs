@@ -9,7 +9,9 @@ use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::mpsc;
-use torpor_proto::supervisor::{read_file_output, write_file_input, ReadFileRequest, WriteAbort, WriteFileHeader, WriteFileInput};
+use torpor_proto::supervisor::{
+    read_file_output, write_file_input, ReadFileRequest, WriteAbort, WriteFileHeader, WriteFileInput,
+};
 
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
@@ -76,7 +78,8 @@ pub async fn upload(
     }
     let mode = parse_mode(params.mode.as_deref())?;
     let limit = state.manager.cfg.max_file_bytes;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         // Read (and drop) a bounded part of the body first: a client still sending when the
         // connection closes sees a broken pipe instead of this answer.
@@ -104,7 +107,9 @@ pub async fn upload(
     let forward = async move {
         let mut stream = body.into_data_stream();
         let mut total = 0u64;
-        let abort = |reason: &str| WriteFileInput { kind: Some(write_file_input::Kind::Abort(WriteAbort { reason: reason.into() })) };
+        let abort = |reason: &str| WriteFileInput {
+            kind: Some(write_file_input::Kind::Abort(WriteAbort { reason: reason.into() })),
+        };
         while let Some(chunk) = stream.next().await {
             let chunk = match chunk {
                 Ok(c) => c,

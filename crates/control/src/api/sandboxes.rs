@@ -123,11 +123,13 @@ pub async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Re
     (status = 409, body = ErrorBody, description = "stopped or failed")))]
 pub async fn connect(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
     let manager = state.manager.clone();
-    Ok(Json(detached(async move {
-        manager.running(&id).await?;
-        manager.get(&id).await
-    })
-    .await?))
+    Ok(Json(
+        detached(async move {
+            manager.running(&id).await?;
+            manager.get(&id).await
+        })
+        .await?,
+    ))
 }
 
 /// Cold-boots a stopped (or failed) sandbox from its disk.

@@ -143,10 +143,8 @@ impl Manager {
     }
 
     fn net_for(&self, rec: &Record) -> SandboxNet {
-        let (host_ip, access_ip) = self.pool.slot(rec.slot).unwrap_or((
-            std::net::Ipv4Addr::UNSPECIFIED,
-            std::net::Ipv4Addr::UNSPECIFIED,
-        ));
+        let (host_ip, access_ip) =
+            self.pool.slot(rec.slot).unwrap_or((std::net::Ipv4Addr::UNSPECIFIED, std::net::Ipv4Addr::UNSPECIFIED));
         SandboxNet::new(&rec.id, host_ip, access_ip)
     }
 
@@ -177,7 +175,8 @@ impl Manager {
     }
 
     pub fn to_api(&self, rec: &Record) -> Sandbox {
-        let alive = matches!(rec.state, State::Running | State::Creating | State::Stopping | State::Pausing | State::Resuming);
+        let alive =
+            matches!(rec.state, State::Running | State::Creating | State::Stopping | State::Pausing | State::Resuming);
         let reachable = alive || rec.state == State::Paused;
         Sandbox {
             id: rec.id.clone(),
@@ -231,7 +230,9 @@ impl Manager {
             let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
             let base_shape = (vcpus, memory_mib) == (self.cfg.default_vcpus, self.cfg.default_memory_mib);
             if req.cold_boot || !base_shape {
-                return self.create_cold(&engine, ValidCreate { vcpus: Some(vcpus), memory_mib: Some(memory_mib), ..req }).await;
+                return self
+                    .create_cold(&engine, ValidCreate { vcpus: Some(vcpus), memory_mib: Some(memory_mib), ..req })
+                    .await;
             }
             self.base_template(&engine).await?
         } else {
@@ -258,7 +259,11 @@ impl Manager {
         self.finish_create(rec, |rec| async move { self.clone_template(&engine, &rec, &template).await }).await
     }
 
-    pub(super) async fn create_cold(self: &Arc<Self>, engine: &Arc<dyn Engine>, req: ValidCreate) -> Result<Sandbox, ApiError> {
+    pub(super) async fn create_cold(
+        self: &Arc<Self>,
+        engine: &Arc<dyn Engine>,
+        req: ValidCreate,
+    ) -> Result<Sandbox, ApiError> {
         let image = self.images.current(BASE_TEMPLATE).map_err(|e| ApiError::unavailable(e.to_string()))?;
         let vcpus = req.vcpus.unwrap_or(self.cfg.default_vcpus);
         let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
@@ -266,7 +271,14 @@ impl Manager {
         self.finish_create(rec, |rec| async move { self.boot(engine, &rec).await }).await
     }
 
-    fn new_record(&self, engine: &Arc<dyn Engine>, req: &ValidCreate, image_dir: &str, vcpus: u32, memory_mib: u32) -> Record {
+    fn new_record(
+        &self,
+        engine: &Arc<dyn Engine>,
+        req: &ValidCreate,
+        image_dir: &str,
+        vcpus: u32,
+        memory_mib: u32,
+    ) -> Record {
         let now = Utc::now();
         Record {
             id: new_sandbox_id(),
@@ -388,7 +400,12 @@ impl Manager {
         let _ = self.store.set_pid(&id, None).await;
         let _ = self
             .store
-            .transition(&id, &[State::Running, State::Creating, State::Pausing, State::Resuming], State::Failed, Some(&reason))
+            .transition(
+                &id,
+                &[State::Running, State::Creating, State::Pausing, State::Resuming],
+                State::Failed,
+                Some(&reason),
+            )
             .await;
     }
 
@@ -454,7 +471,9 @@ impl Manager {
         let from = [State::Running, State::Paused, State::Stopped, State::Failed];
         match self.store.transition(id, &from, State::Stopping, None).await? {
             Some(s) if from.contains(&s) => {}
-            Some(other) => return Err(ApiError::conflict(format!("sandbox {id} is {other}; try again when it settles"))),
+            Some(other) => {
+                return Err(ApiError::conflict(format!("sandbox {id} is {other}; try again when it settles")))
+            }
             None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
         }
         if let Err(e) = self.remove_everything(&rec).await {
@@ -492,7 +511,6 @@ impl Manager {
             Err(_) => torpor_engine::qemu::kill_stale_vms(&rec.id).await,
         };
     }
-
 }
 
 pub(super) async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Duration) -> Result<(), String> {
@@ -507,7 +525,10 @@ pub(super) async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Dura
             },
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!("no answer from the supervisor within {} s (last error: {last_error})", timeout.as_secs()));
+            return Err(format!(
+                "no answer from the supervisor within {} s (last error: {last_error})",
+                timeout.as_secs()
+            ));
         }
         tokio::select! {
             exit = vm.wait_exit() => return Err(exit.description),

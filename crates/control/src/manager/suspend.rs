@@ -44,7 +44,9 @@ impl Manager {
         match self.store.transition(id, &[State::Running], State::Pausing, None).await? {
             Some(State::Running) => {}
             Some(other) => {
-                return Err(ApiError::conflict(format!("sandbox {id} is {other}; only a running sandbox can be paused")))
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is {other}; only a running sandbox can be paused"
+                )))
             }
             None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
         }
@@ -91,7 +93,10 @@ impl Manager {
         let _op = lock.lock().await;
         let rec = self.record(id).await?;
         if rec.state != State::Paused {
-            return Err(ApiError::conflict(format!("sandbox {id} is {}; only a paused sandbox can be resumed", rec.state)));
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is {}; only a paused sandbox can be resumed",
+                rec.state
+            )));
         }
         self.resume_locked(&rec).await?;
         self.get(id).await
@@ -190,7 +195,9 @@ impl Manager {
         match self.store.transition(id, &from, State::Creating, None).await? {
             Some(s) if from.contains(&s) => {}
             Some(other) => {
-                return Err(ApiError::conflict(format!("sandbox {id} is {other}; only a stopped or failed sandbox can be started")))
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is {other}; only a stopped or failed sandbox can be started"
+                )))
             }
             None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
         }
@@ -265,6 +272,8 @@ impl Manager {
 pub(super) fn dir_bytes_on_disk(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
-        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.blocks() * 512).sum())
+        .map(|entries| {
+            entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.blocks() * 512).sum()
+        })
         .unwrap_or(0)
 }

@@ -70,7 +70,12 @@ impl Manager {
 
     /// Turns a running, cold-booted sandbox into template `name`: pauses it and moves its
     /// snapshot and disk layer into the template's directory. The sandbox is gone afterwards.
-    pub async fn capture(self: &Arc<Self>, name: &str, id: &str, processes: Vec<String>) -> Result<TemplateRecord, ApiError> {
+    pub async fn capture(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        processes: Vec<String>,
+    ) -> Result<TemplateRecord, ApiError> {
         validate_template_name(name)?;
         let rec = self.record(id).await?;
         if rec.template_dir.is_some() {
@@ -79,7 +84,10 @@ impl Manager {
             )));
         }
         if rec.state != State::Running {
-            return Err(ApiError::conflict(format!("sandbox {id} is {}; only a running sandbox can be captured", rec.state)));
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is {}; only a running sandbox can be captured",
+                rec.state
+            )));
         }
         // One hold of the op lock from the pause to the last file moved: nothing may wake the
         // sandbox in between and run from files that are being taken away.
@@ -120,11 +128,7 @@ impl Manager {
 
     pub async fn delete_template(&self, name: &str) -> Result<(), ApiError> {
         let _templates = self.templates_lock.write().await;
-        let t = self
-            .store
-            .template(name)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no template {name:?}")))?;
+        let t = self.store.template(name).await?.ok_or_else(|| ApiError::not_found(format!("no template {name:?}")))?;
         let users = self.store.users_of_template_dir(&t.dir).await?;
         if !users.is_empty() {
             return Err(ApiError::conflict(format!(
@@ -179,14 +183,14 @@ impl Manager {
             self.store.set_pid(&rec.id, Some(vm.pid())).await?;
             // Until it takes its identity the clone answers to the template's secret.
             let template_guest = GuestClient::probe(net.supervisor_addr(), template_secret.trim());
-            wait_healthy(&template_guest, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs))
-                .await
-                .map_err(|why| {
+            wait_healthy(&template_guest, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs)).await.map_err(
+                |why| {
                     with_console_tail(
                         &spec,
                         format!("sandbox {} did not answer after restoring template {}: {why}", rec.id, template.name),
                     )
-                })?;
+                },
+            )?;
             let answered_ms = t0.elapsed().as_millis() as u64;
             let identity = identity_for(&rec.id, &secret);
             let mac = identity.mac.clone();

@@ -56,7 +56,8 @@ impl QemuEngine {
             .append(true)
             .open(&log_path)
             .map_err(|source| EngineError::Io { context: format!("opening {}", log_path.display()), source })?;
-        let log_err = log.try_clone().map_err(|source| EngineError::Io { context: "duplicating log fd".into(), source })?;
+        let log_err =
+            log.try_clone().map_err(|source| EngineError::Io { context: "duplicating log fd".into(), source })?;
         let netns = std::fs::File::open(&spec.netns_path).map_err(|source| EngineError::Io {
             context: format!("opening network namespace {}", spec.netns_path.display()),
             source,
@@ -64,7 +65,8 @@ impl QemuEngine {
         let netns_fd = netns.as_raw_fd();
 
         let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(cmdline::args(spec, self.accel, self.tsc_khz)).args(extra)
+        cmd.args(cmdline::args(spec, self.accel, self.tsc_khz))
+            .args(extra)
             .current_dir(&spec.run_dir)
             .stdin(Stdio::null())
             .stdout(log)
@@ -98,7 +100,6 @@ impl QemuEngine {
         tracing::debug!(id = %spec.id, pid, "VM process started");
         Ok(vm)
     }
-
 }
 
 /// Leave RAM that lives in a shared file out of the migration stream: the file already is the RAM.
@@ -202,7 +203,8 @@ impl Engine for QemuEngine {
         if !is_vm_of(&spec.id, pid) {
             return Err(EngineError::NotOurs { pid, id: spec.id.clone() });
         }
-        let exit = ExitWatch::pid(pid).map_err(|source| EngineError::Io { context: format!("watching pid {pid}"), source })?;
+        let exit =
+            ExitWatch::pid(pid).map_err(|source| EngineError::Io { context: format!("watching pid {pid}"), source })?;
         let vm = QemuVm { pid, exit, qmp_path: cmdline::qmp_socket(spec) };
         let mut qmp = Qmp::connect(&vm.qmp_path).await?;
         qmp.execute("query-status", None).await?;

@@ -21,7 +21,8 @@ fn err(msg: impl std::fmt::Display) -> EngineError {
 
 impl Qmp {
     pub async fn connect(path: &Path) -> Result<Self, EngineError> {
-        let stream = UnixStream::connect(path).await.map_err(|e| err(format!("connecting to {}: {e}", path.display())))?;
+        let stream =
+            UnixStream::connect(path).await.map_err(|e| err(format!("connecting to {}: {e}", path.display())))?;
         let (read, writer) = stream.into_split();
         let mut qmp = Self { reader: BufReader::new(read), writer };
         let greeting = qmp.read_message().await?;
