@@ -45,6 +45,10 @@ impl AddressPool {
         ((1u64 << (32 - self.prefix)) / 4 - 1) as u32
     }
 
+    pub fn net(&self) -> crate::Ipv4Net {
+        crate::Ipv4Net { addr: Ipv4Addr::from(self.base), prefix: self.prefix }
+    }
+
     /// (host end, namespace end) of slot `slot`, counted from 1.
     pub fn slot(&self, slot: u32) -> Result<(Ipv4Addr, Ipv4Addr), PoolError> {
         if slot == 0 || slot > self.capacity() {

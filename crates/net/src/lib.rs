@@ -9,12 +9,19 @@
 
 mod addr;
 mod cmd;
+mod egress;
+mod firewall;
+mod host;
+mod policy;
 
 pub use addr::{AddressPool, PoolError};
+pub use egress::{PolicyChange, ResolvedAddress, SandboxEgress, Upstream};
+pub use host::HostRouting;
+pub use policy::{Blocklist, CidrRule, DomainPattern, EgressMode, EgressPolicy, Ipv4Net, PolicyError};
 
 use std::net::Ipv4Addr;
 
-use cmd::{ip, ip_in_ns, run_in_ns};
+use cmd::{in_ns, ip, ip_in_ns};
 use torpor_proto::{GATEWAY_MAC, GUEST_GATEWAY, GUEST_IP, GUEST_MAC, GUEST_PREFIX_LEN, SUPERVISOR_PORT};
 
 /// Name of the tap device inside every sandbox namespace.
@@ -35,6 +42,8 @@ pub enum NetError {
     },
     #[error("{0}")]
     Pool(#[from] PoolError),
+    #[error("sandbox resolver: {0}")]
+    Dns(String),
     #[error("host address {addr} is already on interface {interface} (a leftover of another daemon sharing this address pool?); remove it or give this daemon its own address_pool")]
     AddressInUse { addr: Ipv4Addr, interface: String },
 }
@@ -65,16 +74,17 @@ impl SandboxNet {
         (self.guest_access_ip, SUPERVISOR_PORT).into()
     }
 
-    /// Creates the namespace, links and rules. On failure everything created is removed again.
-    pub async fn setup(&self) -> Result<(), NetError> {
-        let result = self.try_setup().await;
+    /// Creates the namespace, links and rules (with no egress: a policy is applied after). On
+    /// failure everything created is removed again.
+    pub async fn setup(&self, blocked: &Blocklist) -> Result<(), NetError> {
+        let result = self.try_setup(blocked).await;
         if result.is_err() {
             let _ = self.teardown().await;
         }
         result
     }
 
-    async fn try_setup(&self) -> Result<(), NetError> {
+    async fn try_setup(&self, blocked: &Blocklist) -> Result<(), NetError> {
         if let Some(owner) = address_owner(self.host_ip) {
             return Err(NetError::AddressInUse { addr: self.host_ip, interface: owner });
         }
@@ -91,41 +101,10 @@ impl SandboxNet {
         ip_in_ns(ns, &["addr", "add", &format!("{GUEST_GATEWAY}/{GUEST_PREFIX_LEN}"), "dev", TAP]).await?;
         ip_in_ns(ns, &["link", "set", TAP, "up"]).await?;
         self.set_guest_mac(GUEST_MAC).await?;
-        run_in_ns(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1"], None).await?;
-        run_in_ns(ns, "nft", &["-f", "-"], Some(self.ruleset())).await?;
+        ip_in_ns(ns, &["route", "add", "default", "via", &self.host_ip.to_string()]).await?;
+        in_ns(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1"], None).await?;
+        in_ns(ns, "nft", &["-f", "-"], Some(firewall::base_ruleset(self, blocked))).await?;
         Ok(())
-    }
-
-    /// The namespace's whole firewall. Only new connections from the host to the supervisor port
-    /// are let in; nothing may start from the guest.
-    pub fn ruleset(&self) -> String {
-        format!(
-            r#"flush ruleset
-table ip torpor_nat {{
-  chain prerouting {{
-    type nat hook prerouting priority dstnat; policy accept;
-    iifname "{NS_VETH}" ip daddr {access} tcp dport {SUPERVISOR_PORT} dnat to {GUEST_IP}:{SUPERVISOR_PORT}
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    oifname "{TAP}" masquerade
-  }}
-}}
-table inet torpor_filter {{
-  chain forward {{
-    type filter hook forward priority filter; policy drop;
-    ct state established,related accept
-    iifname "{NS_VETH}" oifname "{TAP}" ip daddr {GUEST_IP} tcp dport {SUPERVISOR_PORT} ct state new accept
-  }}
-  chain input {{
-    type filter hook input priority filter; policy drop;
-    ct state established,related accept
-    iifname "lo" accept
-  }}
-}}
-"#,
-            access = self.guest_access_ip
-        )
     }
 
     /// Removes the veth pair, then the namespace (and with it the tap and every rule). Idempotent.
@@ -196,14 +175,5 @@ mod tests {
         let net = SandboxNet::new("sb-abcdefghijkl", Ipv4Addr::new(10, 240, 0, 5), Ipv4Addr::new(10, 240, 0, 6));
         assert!(net.host_veth.len() <= 15, "{}", net.host_veth);
         assert_eq!(net.netns, "torpor-sb-abcdefghijkl");
-    }
-
-    #[test]
-    fn ruleset_forwards_only_the_supervisor_port() {
-        let net = SandboxNet::new("x", Ipv4Addr::new(10, 240, 0, 5), Ipv4Addr::new(10, 240, 0, 6));
-        let rules = net.ruleset();
-        assert!(rules.contains("dnat to 192.168.240.2:50051"));
-        assert!(rules.contains("ip daddr 10.240.0.6 tcp dport 50051"));
-        assert_eq!(rules.matches("policy drop").count(), 2);
     }
 }
