@@ -7,7 +7,8 @@ set -euo pipefail
 PACKAGES=(
   qemu-system-x86 qemu-utils          # the VMM and qemu-img (copy-on-write disks)
   mmdebstrap busybox-static cpio kmod e2fsprogs  # guest image: rootfs, initramfs, ext4
-  iproute2 nftables                   # per-sandbox namespaces, veth, tap, firewall
+  iproute2 nftables conntrack         # per-sandbox namespaces, veth, tap, firewall, cutting connections
+  dnsmasq-base bind9-dnsutils python3 # tests and `torpor bench network`: a small internet of their own
   protobuf-compiler                   # the supervisor's gRPC contract
   build-essential pkg-config curl ca-certificates
 )

@@ -48,6 +48,9 @@ pub struct Config {
     pub max_memory_mib: u32,
     /// Idle seconds before a sandbox pauses when its create request does not say (0 = never).
     pub default_idle_timeout_secs: u64,
+    /// Name servers the sandboxes' resolver forwards allowed names to (IPv4 or IPv6 addresses,
+    /// port 53). Empty: the host's own, from /etc/resolv.conf.
+    pub dns_upstreams: Vec<std::net::IpAddr>,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -76,6 +79,7 @@ impl Default for Config {
             min_memory_mib: 128,
             max_memory_mib: 65536,
             default_idle_timeout_secs: 300,
+            dns_upstreams: Vec::new(),
         }
     }
 }

@@ -105,6 +105,8 @@ pub struct CreateSandbox {
     /// Boot the `base` image from scratch instead of restoring the base template snapshot.
     #[serde(default)]
     pub cold_boot: bool,
+    /// Egress policy; the template's default (else deny-all) if omitted.
+    pub network: Option<NetworkPolicy>,
 }
 
 /// A create request with defaults filled in and every field checked.
@@ -117,6 +119,8 @@ pub struct ValidCreate {
     pub env: BTreeMap<String, String>,
     pub idle_timeout_secs: u64,
     pub cold_boot: bool,
+    /// Checked and in canonical form.
+    pub network: Option<NetworkPolicy>,
 }
 
 /// Longest idle timeout accepted: 30 days (0 means never, for longer).
@@ -148,7 +152,9 @@ impl CreateSandbox {
         if self.cold_boot && template != BASE_TEMPLATE {
             return Err(ApiError::invalid(format!("template {template:?} is a snapshot and cannot be cold-booted")));
         }
+        let network = self.network.map(|n| n.canonical()).transpose()?;
         Ok(ValidCreate {
+            network,
             template,
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
@@ -157,6 +163,77 @@ impl CreateSandbox {
             cold_boot: self.cold_boot,
         })
     }
+}
+
+/// What a sandbox may reach. See docs/network.md.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkMode {
+    /// Nothing: no connection leaves the sandbox and no name resolves.
+    #[default]
+    DenyAll,
+    /// Only `allow_domains` (resolved through the sandbox's resolver) and `allow_cidrs`.
+    Allowlist,
+    /// Any public address. Private, link-local, multicast and host addresses stay blocked
+    /// unless `allow_cidrs` names them.
+    Open,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Names the sandbox may resolve and connect to: `api.example.com`, or `*.example.com` for
+    /// every name below example.com.
+    #[serde(default)]
+    pub allow_domains: Vec<String>,
+    /// IPv4 networks the sandbox may reach, optionally on a port or port range (TCP and UDP):
+    /// `203.0.113.0/24`, `10.0.0.5:5432`, `10.0.0.0/8:8000-8100`. These override the
+    /// always-blocked ranges.
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+}
+
+impl NetworkPolicy {
+    pub fn to_egress(&self) -> Result<torpor_net::EgressPolicy, ApiError> {
+        let mode = match self.mode {
+            NetworkMode::DenyAll => torpor_net::EgressMode::DenyAll,
+            NetworkMode::Allowlist => torpor_net::EgressMode::Allowlist,
+            NetworkMode::Open => torpor_net::EgressMode::Open,
+        };
+        torpor_net::EgressPolicy::parse(mode, &self.allow_domains, &self.allow_cidrs)
+            .map_err(|e| ApiError::invalid(format!("network policy: {e}")))
+    }
+
+    /// Checked, with every entry in canonical form (lower case, networks masked, no duplicates).
+    pub fn canonical(self) -> Result<Self, ApiError> {
+        let parsed = self.to_egress()?;
+        Ok(Self {
+            mode: self.mode,
+            allow_domains: parsed.domains.iter().map(|d| d.to_string()).collect(),
+            allow_cidrs: parsed.cidrs.iter().map(|c| c.to_string()).collect(),
+        })
+    }
+}
+
+/// A sandbox's policy and what its resolver has let it reach.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkStatus {
+    #[serde(flatten)]
+    pub policy: NetworkPolicy,
+    /// Whether the policy is in force in a live firewall now (false while stopped: it applies
+    /// when the sandbox starts).
+    pub enforced: bool,
+    /// Addresses the sandbox may connect to because it resolved an allowed name.
+    pub resolved: Vec<ResolvedAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResolvedAddress {
+    pub address: String,
+    pub names: Vec<String>,
+    pub expires_in_secs: u64,
 }
 
 /// The template every sandbox gets unless it names another: the base image, snapshotted with
@@ -183,6 +260,8 @@ pub struct Template {
     pub memory_mib: u32,
     /// Processes that are already running in every sandbox created from it.
     pub processes: Vec<String>,
+    /// Egress policy of sandboxes created from it unless they give their own.
+    pub network: NetworkPolicy,
     pub created_at: DateTime<Utc>,
 }
 
@@ -195,6 +274,8 @@ pub struct CreateTemplate {
     /// Names of the processes it keeps running (shown in template listings).
     #[serde(default)]
     pub processes: Vec<String>,
+    /// Default egress policy of its sandboxes; deny-all if omitted.
+    pub network: Option<NetworkPolicy>,
 }
 
 pub fn validate_env_name(key: &str) -> Result<(), ApiError> {
@@ -360,6 +441,20 @@ mod tests {
         assert_eq!(bad(cold).status.as_u16(), 400);
         let env = BTreeMap::from([("1BAD".to_string(), "x".to_string())]);
         assert_eq!(bad(CreateSandbox { env, ..Default::default() }).status.as_u16(), 400);
+        let network = NetworkPolicy {
+            mode: NetworkMode::Allowlist,
+            allow_domains: vec!["bad name".into()],
+            ..Default::default()
+        };
+        assert_eq!(bad(CreateSandbox { network: Some(network), ..Default::default() }).status.as_u16(), 400);
+        let network = NetworkPolicy {
+            mode: NetworkMode::Allowlist,
+            allow_domains: vec!["API.Example.com.".into()],
+            allow_cidrs: vec!["10.1.2.3/8:443".into()],
+        };
+        let v = CreateSandbox { network: Some(network), ..Default::default() }.validate(&cfg).unwrap();
+        let n = v.network.unwrap();
+        assert_eq!((n.allow_domains[0].as_str(), n.allow_cidrs[0].as_str()), ("api.example.com", "10.0.0.0/8:443"));
     }
 
     #[test]

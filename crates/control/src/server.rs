@@ -57,6 +57,11 @@ pub async fn run(
         tracing::error!("sandboxes cannot start: {e}");
     }
 
+    let pool = cfg.pool().map_err(|e| ServerError::Setup(e.to_string()))?;
+    let routing = torpor_net::HostRouting::new(pool.net());
+    routing.install().await.map_err(|e| ServerError::Setup(format!("host routing for sandbox egress: {e}")))?;
+    tracing::info!(table = routing.table(), "host forwarding and masquerading for {pool} in place");
+
     let listen = cfg.listen;
     let cfg = Arc::new(cfg);
     let manager = Manager::new(cfg.clone(), store, engine).map_err(|e| ServerError::Setup(e.message))?;

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::model::State;
+use crate::model::{NetworkPolicy, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +48,7 @@ pub struct Record {
     pub meter: Meter,
     /// Directory of the template this sandbox was cloned from.
     pub template_dir: Option<String>,
+    pub network: NetworkPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +60,7 @@ pub struct TemplateRecord {
     pub memory_mib: u32,
     /// Names of the processes the template keeps running.
     pub processes: Vec<String>,
+    pub network: NetworkPolicy,
     pub created_at: DateTime<Utc>,
 }
 
@@ -127,8 +129,8 @@ impl Store {
             return Err(StoreError::PoolExhausted(capacity));
         }
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(rec.state.as_str())
@@ -145,6 +147,7 @@ impl Store {
         .bind(rec.updated_at.to_rfc3339())
         .bind(rec.idle_timeout_secs as i64)
         .bind(&rec.template_dir)
+        .bind(serde_json::to_string(&rec.network).expect("policy serialises"))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -174,7 +177,9 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let current: Option<String> =
             sqlx::query_scalar("SELECT state FROM sandboxes WHERE id = ?").bind(id).fetch_optional(&mut *tx).await?;
-        let Some(current) = current else { return Ok(None) };
+        let Some(current) = current else {
+            return Ok(None);
+        };
         let current = State::parse(&current)
             .ok_or_else(|| StoreError::Corrupt { id: id.to_owned(), message: format!("unknown state {current:?}") })?;
         if from.contains(&current) {
@@ -250,13 +255,14 @@ impl Store {
 
     pub async fn insert_template(&self, t: &TemplateRecord) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
-        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(&t.name)
             .bind(&t.dir)
             .bind(&t.image_dir)
             .bind(t.vcpus as i64)
             .bind(t.memory_mib as i64)
             .bind(serde_json::to_string(&t.processes).expect("names serialise"))
+            .bind(serde_json::to_string(&t.network).expect("policy serialises"))
             .bind(t.created_at.to_rfc3339())
             .execute(&self.pool)
             .await?;
@@ -285,6 +291,16 @@ impl Store {
             .bind(dir)
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    pub async fn set_network(&self, id: &str, network: &NetworkPolicy) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
+        sqlx::query("UPDATE sandboxes SET network = ? WHERE id = ?")
+            .bind(serde_json::to_string(network).expect("policy serialises"))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn count_resume(&self, id: &str) -> Result<(), StoreError> {
@@ -332,6 +348,8 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
             paused_byte_ms: row.try_get::<f64, _>("paused_byte_ms")?,
         },
         template_dir: row.try_get("template_dir")?,
+        network: serde_json::from_str(&row.try_get::<String, _>("network")?)
+            .map_err(|e| corrupt(format!("network: {e}")))?,
         id,
     })
 }
@@ -347,6 +365,8 @@ fn decode_template(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, Stor
         vcpus: row.try_get::<i64, _>("vcpus")? as u32,
         memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
         processes: serde_json::from_str(&processes).map_err(|e| corrupt(e.to_string()))?,
+        network: serde_json::from_str(&row.try_get::<String, _>("network")?)
+            .map_err(|e| corrupt(format!("network: {e}")))?,
         created_at: DateTime::parse_from_rfc3339(&created)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| corrupt(e.to_string()))?,
@@ -382,6 +402,7 @@ mod tests {
             idle_timeout_secs: 300,
             meter: Meter::default(),
             template_dir: None,
+            network: Default::default(),
         }
     }
 

@@ -95,6 +95,10 @@ pub fn configure_network() -> Result<()> {
     ip(&["addr", "replace", &addr, "dev", "eth0"])?;
     ip(&["link", "set", "eth0", "up"])?;
     ip(&["route", "replace", "default", "via", GUEST_GATEWAY])?;
+    // The host runs this sandbox's resolver on the gateway address; it is the only name server
+    // the sandbox can reach. Short timeouts: a refused name fails fast rather than after retries.
+    let resolv = format!("nameserver {GUEST_GATEWAY}\noptions timeout:2 attempts:2\n");
+    std::fs::write("/etc/resolv.conf", resolv).context("writing /etc/resolv.conf")?;
     Ok(())
 }
 

@@ -28,6 +28,8 @@ pub const DEFAULT_PACKAGES: &[&str] = &[
     "kmod",
     "less",
     "netbase",
+    "iputils-ping",
+    "bind9-dnsutils",
 ];
 
 #[derive(Debug, Clone)]
@@ -309,7 +311,7 @@ fn assemble(
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&guest, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod torpor-guest"))?;
     std::fs::write(tree.join("etc/fstab"), "/dev/vda / ext4 rw,relatime 0 1\n").map_err(io("writing fstab"))?;
-    // No resolver yet: sandboxes have no outbound network until an egress policy allows it.
+    // The supervisor points it at the sandbox's resolver at boot.
     std::fs::write(tree.join("etc/resolv.conf"), "").map_err(io("writing resolv.conf"))?;
 
     let out = work.path().join("image");

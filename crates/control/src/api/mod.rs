@@ -3,6 +3,7 @@
 
 mod exec;
 mod files;
+mod network;
 mod sandboxes;
 mod templates;
 
@@ -33,12 +34,13 @@ pub struct AppState {
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::stop, sandboxes::delete, sandboxes::info,
         sandboxes::pause, sandboxes::resume, sandboxes::connect, sandboxes::start, sandboxes::usage,
+        network::get_network, network::put_network,
         templates::create, templates::list, templates::delete,
         exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health
     ),
     components(schemas(
         Sandbox, crate::model::State, NetworkInfo, Usage, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
-        ErrorDetail, Template, CreateTemplate, templates::TemplateList, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health
+        ErrorDetail, Template, CreateTemplate, NetworkPolicy, NetworkMode, NetworkStatus, ResolvedAddress, templates::TemplateList, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health
     )),
     modifiers(&BearerAuth)
 )]
@@ -69,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/connect", post(sandboxes::connect))
         .route("/v1/sandboxes/{id}/start", post(sandboxes::start))
         .route("/v1/sandboxes/{id}/usage", get(sandboxes::usage))
+        .route("/v1/sandboxes/{id}/network", get(network::get_network).put(network::put_network))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec_post))
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(exec::signal))
@@ -146,6 +149,7 @@ mod tests {
             "/v1/sandboxes/{id}/connect",
             "/v1/sandboxes/{id}/start",
             "/v1/sandboxes/{id}/usage",
+            "/v1/sandboxes/{id}/network",
             "/v1/sandboxes/{id}/exec",
             "/v1/sandboxes/{id}/exec/ws",
             "/v1/sandboxes/{id}/execs/{exec_id}/signal",

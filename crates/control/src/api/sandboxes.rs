@@ -11,7 +11,7 @@ use crate::model::{CreateSandbox, Sandbox, Usage};
 
 /// Runs a lifecycle operation to completion even if the client goes away: axum drops a handler
 /// whose connection closes, which would strand the sandbox halfway between two states.
-async fn detached<T: Send + 'static>(
+pub(super) async fn detached<T: Send + 'static>(
     op: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::spawn(op).await.unwrap_or_else(|e| Err(ApiError::internal(format!("lifecycle task failed: {e}"))))

@@ -26,9 +26,11 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
     let req = json_body(body)?;
     let manager = state.manager.clone();
-    let t = tokio::spawn(async move { manager.capture(&req.name, &req.sandbox, req.processes).await })
-        .await
-        .unwrap_or_else(|e| Err(ApiError::internal(format!("capture task failed: {e}"))))?;
+    let t = tokio::spawn(async move {
+        manager.capture(&req.name, &req.sandbox, req.processes, req.network.unwrap_or_default()).await
+    })
+    .await
+    .unwrap_or_else(|e| Err(ApiError::internal(format!("capture task failed: {e}"))))?;
     Ok((StatusCode::CREATED, Json(Manager::to_api_template(&t))))
 }
 

@@ -3,6 +3,7 @@
 //! The store is the source of truth; `live` holds the handles of VMs this daemon is responsible
 //! for right now.
 
+mod network;
 mod reconcile;
 mod suspend;
 mod templates;
@@ -19,7 +20,7 @@ use chrono::Utc;
 use rand::RngCore;
 use torpor_engine::{console_tail, Engine, Vm, VmSpec};
 use torpor_image::ImageStore;
-use torpor_net::{AddressPool, SandboxNet, TAP};
+use torpor_net::{AddressPool, SandboxEgress, SandboxNet, Upstream, TAP};
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -111,12 +112,18 @@ pub struct Manager {
     /// Held shared by a create from a template until its record exists, exclusively by whatever
     /// removes a template's files: a template cannot vanish under a clone being made.
     templates_lock: tokio::sync::RwLock<()>,
+    /// Egress (policy in force and resolver) of every sandbox whose namespace exists.
+    egress: Mutex<HashMap<String, Arc<SandboxEgress>>>,
+    upstream: Arc<Upstream>,
 }
 
 impl Manager {
     pub fn new(cfg: Arc<Config>, store: Store, engine: Result<Arc<dyn Engine>, String>) -> Result<Arc<Self>, ApiError> {
         let pool = cfg.pool().map_err(|e| ApiError::internal(e.to_string()))?;
+        let upstream = Upstream::new(&cfg.dns_upstreams).map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Arc::new(Self {
+            egress: Mutex::new(HashMap::new()),
+            upstream: Arc::new(upstream),
             images: ImageStore::new(&cfg.image_dir),
             cfg,
             store,
@@ -256,6 +263,9 @@ impl Manager {
             .ok_or_else(|| ApiError::not_found(format!("template {:?} was just removed", template.name)))?;
         let mut rec = self.new_record(&engine, &req, &template.image_dir, template.vcpus, template.memory_mib);
         rec.template_dir = Some(template.dir.clone());
+        if req.network.is_none() {
+            rec.network = template.network.clone();
+        }
         self.finish_create(rec, |rec| async move { self.clone_template(&engine, &rec, &template).await }).await
     }
 
@@ -297,6 +307,7 @@ impl Manager {
             idle_timeout_secs: req.idle_timeout_secs,
             meter: Default::default(),
             template_dir: None,
+            network: req.network.clone().unwrap_or_default(),
         }
     }
 
@@ -333,12 +344,11 @@ impl Manager {
         let spec = self.spec(rec);
         create_private_dir(&spec.run_dir)?;
         let secret = ensure_secret(&spec.secret_file)?;
-        let net = self.net_for(rec);
-        net.setup().await.map_err(|e| ApiError::internal(format!("setting up the sandbox network: {e}")))?;
+        let net = self.setup_net(rec).await?;
         let vm = match self.start_vm(engine, &spec).await {
             Ok(vm) => vm,
             Err(e) => {
-                let _ = net.teardown().await;
+                let _ = self.teardown_net(rec).await;
                 return Err(e);
             }
         };
@@ -357,7 +367,7 @@ impl Manager {
         };
         if let Err(e) = ready.await {
             vm.terminate().await;
-            let _ = net.teardown().await;
+            let _ = self.teardown_net(rec).await;
             return Err(e);
         }
         Ok(Live::new(vm, net, guest, rec))
@@ -396,6 +406,7 @@ impl Manager {
             format!("{}; console: {}", exit.description, tail.trim().replace('\n', " | "))
         };
         tracing::warn!(%id, %reason, "sandbox VM died");
+        self.stop_egress(&id);
         let _ = live.net.teardown().await;
         let _ = self.store.set_pid(&id, None).await;
         let _ = self
@@ -451,7 +462,7 @@ impl Manager {
         }
         // A paused sandbox's memory snapshot has no meaning once it is stopped; the disk stays.
         torpor_engine::snapshot::discard(&self.run_dir(id));
-        self.net_for(rec).teardown().await.map_err(|e| ApiError::internal(e.to_string()))?;
+        self.teardown_net(rec).await?;
         self.finish_stop(id).await
     }
 
@@ -490,7 +501,7 @@ impl Manager {
             live.vm.terminate().await;
         }
         self.kill_stale(rec).await;
-        self.net_for(rec).teardown().await.map_err(|e| ApiError::internal(e.to_string()))?;
+        self.teardown_net(rec).await?;
         let dir = self.run_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)

@@ -85,6 +85,17 @@ impl Manager {
             }
         }
         report.orphans = self.remove_orphans(&records).await;
+        // Paused sandboxes keep their namespace (and its rules); their resolver went with the
+        // old daemon. Running ones got theirs back when adopted.
+        for rec in self.store.list().await? {
+            let net = self.net_for(&rec);
+            if rec.state == State::Paused && net.exists() {
+                if let Err(e) = self.start_egress(&rec, &net).await {
+                    tracing::warn!(id = %rec.id, error = %e.message, "egress of a paused sandbox not restored; it will be on resume");
+                    let _ = self.teardown_net(&rec).await;
+                }
+            }
+        }
         Ok(report)
     }
 
@@ -102,6 +113,7 @@ impl Manager {
         if may_be_stopped && !vm.guest_running().await.map_err(|e| e.to_string())? {
             vm.continue_guest().await.map_err(|e| e.to_string())?;
         }
+        self.start_egress(rec, net).await.map_err(|e| e.message)?;
         let guest = guest_client(&spec, net)?;
         guest.health(Duration::from_secs(5)).await.map_err(|e| format!("supervisor health check: {}", e.message()))?;
         if rec.state == State::Resuming {
@@ -115,6 +127,7 @@ impl Manager {
 
     async fn kill_leftovers(&self, rec: &Record, net: &SandboxNet) {
         self.kill_stale(rec).await;
+        self.stop_egress(&rec.id);
         let _ = net.teardown().await;
         let _ = self.store.set_pid(&rec.id, None).await;
     }
@@ -123,7 +136,9 @@ impl Manager {
     /// record was written, or a delete that died after. Their VM and network go too.
     async fn remove_orphans(&self, records: &[Record]) -> Vec<String> {
         let mut orphans = Vec::new();
-        let Ok(entries) = std::fs::read_dir(self.cfg.sandboxes_dir()) else { return orphans };
+        let Ok(entries) = std::fs::read_dir(self.cfg.sandboxes_dir()) else {
+            return orphans;
+        };
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().into_owned();
             if records.iter().any(|r| r.id == id) || !crate::model::is_valid_sandbox_id(&id) {

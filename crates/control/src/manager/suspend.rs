@@ -139,12 +139,20 @@ impl Manager {
         let engine = self.engine()?;
         self.store.transition(id, &[State::Paused], State::Resuming, None).await?;
         let started = std::time::Instant::now();
-        let net = self.net_for(rec);
+        let mut net = self.net_for(rec);
         if !net.exists() {
             // The namespace does not survive a host reboot; the snapshot does.
-            if let Err(e) = net.setup().await {
+            match self.setup_net(rec).await {
+                Ok(n) => net = n,
+                Err(e) => {
+                    self.store.transition(id, &[State::Resuming], State::Paused, None).await?;
+                    return Err(e);
+                }
+            }
+        } else if !self.has_egress(id) {
+            if let Err(e) = self.start_egress(rec, &net).await {
                 self.store.transition(id, &[State::Resuming], State::Paused, None).await?;
-                return Err(ApiError::internal(format!("setting up the sandbox network: {e}")));
+                return Err(e);
             }
         }
         let spec = self.spec(rec);
@@ -204,7 +212,7 @@ impl Manager {
         let engine = self.engine()?;
         self.kill_stale(&rec).await;
         snapshot::discard(&self.run_dir(id));
-        let _ = self.net_for(&rec).teardown().await;
+        let _ = self.teardown_net(&rec).await;
         match self.boot(&engine, &rec).await {
             Ok(live) => {
                 self.go_live(id, live, State::Creating).await?;

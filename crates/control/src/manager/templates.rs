@@ -17,7 +17,7 @@ use torpor_proto::supervisor::IdentityRequest;
 use super::{create_private_dir, ensure_secret, wait_healthy, with_console_tail, Live, Manager};
 use crate::error::ApiError;
 use crate::guest::GuestClient;
-use crate::model::{validate_template_name, State, Template, ValidCreate, BASE_TEMPLATE};
+use crate::model::{validate_template_name, NetworkPolicy, State, Template, ValidCreate, BASE_TEMPLATE};
 use crate::store::{Record, TemplateRecord};
 
 /// Files of a paused sandbox that make up a template.
@@ -34,6 +34,7 @@ impl Manager {
             vcpus: t.vcpus,
             memory_mib: t.memory_mib,
             processes: t.processes.clone(),
+            network: t.network.clone(),
             created_at: t.created_at,
         }
     }
@@ -63,9 +64,10 @@ impl Manager {
             env: Default::default(),
             idle_timeout_secs: 0,
             cold_boot: true,
+            network: None,
         };
         let sandbox = self.create_cold(engine, req).await?;
-        self.capture(BASE_TEMPLATE, &sandbox.id, vec!["torpor-guest".into()]).await
+        self.capture(BASE_TEMPLATE, &sandbox.id, vec!["torpor-guest".into()], Default::default()).await
     }
 
     /// Turns a running, cold-booted sandbox into template `name`: pauses it and moves its
@@ -75,8 +77,10 @@ impl Manager {
         name: &str,
         id: &str,
         processes: Vec<String>,
+        network: NetworkPolicy,
     ) -> Result<TemplateRecord, ApiError> {
         validate_template_name(name)?;
+        let network = network.canonical()?;
         let rec = self.record(id).await?;
         if rec.template_dir.is_some() {
             return Err(ApiError::conflict(format!(
@@ -110,13 +114,14 @@ impl Manager {
             vcpus: rec.vcpus,
             memory_mib: rec.memory_mib,
             processes,
+            network,
             created_at: Utc::now(),
         };
         let _templates = self.templates_lock.write().await;
         let replaced = self.store.template(name).await?;
         self.store.insert_template(&template).await?;
         // The sandbox gave its snapshot and disk to the template; what is left of it goes.
-        let _ = self.net_for(&rec).teardown().await;
+        let _ = self.teardown_net(&rec).await;
         let _ = std::fs::remove_dir_all(&run_dir);
         self.store.delete(id).await?;
         if let Some(old) = replaced {
@@ -163,8 +168,7 @@ impl Manager {
         let secret = ensure_secret(&spec.secret_file)?;
         let template_secret = std::fs::read_to_string(template_dir.join("secret"))
             .map_err(|e| ApiError::internal(format!("reading template {}'s secret: {e}", template.name)))?;
-        let net = self.net_for(rec);
-        net.setup().await.map_err(|e| ApiError::internal(format!("setting up the sandbox network: {e}")))?;
+        let net = self.setup_net(rec).await?;
         let t0 = std::time::Instant::now();
         let restored = async {
             copy_memory(&snapshot::memory_file(&template_dir), &snapshot::memory_file(&spec.run_dir)).await?;
@@ -174,7 +178,7 @@ impl Manager {
         let vm = match restored.await {
             Ok(vm) => vm,
             Err(e) => {
-                let _ = net.teardown().await;
+                let _ = self.teardown_net(rec).await;
                 return Err(ApiError::internal(format!("restoring template {}: {e}", template.name)));
             }
         };
@@ -212,7 +216,7 @@ impl Manager {
             Ok(guest) => Ok(Live::new(vm, net, guest, rec)),
             Err(e) => {
                 vm.terminate().await;
-                let _ = net.teardown().await;
+                let _ = self.teardown_net(rec).await;
                 Err(e)
             }
         }

@@ -1,0 +1,110 @@
+//! Each sandbox's network: its namespace (torpor-net) and its egress, the policy in force in the
+//! namespace's firewall plus the resolver serving the guest. Egress lives as long as the
+//! namespace, which a pause keeps: a paused sandbox's rules stay in the kernel, its resolver is
+//! an idle task, and both are exactly as they were when it resumes.
+
+use std::sync::Arc;
+
+use torpor_net::{Blocklist, SandboxEgress, SandboxNet};
+
+use super::Manager;
+use crate::error::ApiError;
+use crate::model::{NetworkPolicy, NetworkStatus, ResolvedAddress, State};
+use crate::store::Record;
+
+impl Manager {
+    /// Namespace, links, firewall and resolver, with the sandbox's stored policy. On failure
+    /// nothing is left behind.
+    pub(super) async fn setup_net(&self, rec: &Record) -> Result<SandboxNet, ApiError> {
+        let net = self.net_for(rec);
+        net.setup(&Blocklist::current(self.pool.net()))
+            .await
+            .map_err(|e| ApiError::internal(format!("setting up the sandbox network: {e}")))?;
+        if let Err(e) = self.start_egress(rec, &net).await {
+            let _ = net.teardown().await;
+            return Err(e);
+        }
+        Ok(net)
+    }
+
+    /// Applies the stored policy to an existing namespace and (re)starts its resolver.
+    pub(super) async fn start_egress(&self, rec: &Record, net: &SandboxNet) -> Result<(), ApiError> {
+        // From the store, not `rec`: a policy replaced since `rec` was read must win.
+        let stored = self.store.get(&rec.id).await?.map(|r| r.network).unwrap_or_else(|| rec.network.clone());
+        let policy = stored.to_egress()?;
+        let egress = SandboxEgress::start(&net.netns, self.pool.net(), policy, self.upstream.clone())
+            .await
+            .map_err(|e| ApiError::internal(format!("starting the egress policy of sandbox {}: {e}", rec.id)))?;
+        let old = self.egress.lock().expect("egress table poisoned").insert(rec.id.clone(), Arc::new(egress));
+        if let Some(old) = old {
+            old.stop();
+        }
+        Ok(())
+    }
+
+    /// The resolver holds sockets in the namespace, which would keep it alive: it stops first.
+    pub(super) async fn teardown_net(&self, rec: &Record) -> Result<(), ApiError> {
+        self.stop_egress(&rec.id);
+        self.net_for(rec).teardown().await.map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    pub(super) fn stop_egress(&self, id: &str) {
+        if let Some(egress) = self.egress.lock().expect("egress table poisoned").remove(id) {
+            egress.stop();
+        }
+    }
+
+    pub(super) fn has_egress(&self, id: &str) -> bool {
+        self.egress.lock().expect("egress table poisoned").contains_key(id)
+    }
+
+    fn egress_of(&self, id: &str) -> Option<Arc<SandboxEgress>> {
+        self.egress.lock().expect("egress table poisoned").get(id).cloned()
+    }
+
+    pub async fn network(&self, id: &str) -> Result<NetworkStatus, ApiError> {
+        let rec = self.record(id).await?;
+        Ok(self.network_status(&rec.id, rec.network).await)
+    }
+
+    async fn network_status(&self, id: &str, policy: NetworkPolicy) -> NetworkStatus {
+        let egress = self.egress_of(id);
+        let resolved = match &egress {
+            Some(e) => e
+                .resolved()
+                .await
+                .into_iter()
+                .map(|r| ResolvedAddress {
+                    address: r.addr.to_string(),
+                    names: r.names.into_iter().collect(),
+                    expires_in_secs: r.expires_in.as_secs(),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        NetworkStatus { policy, enforced: egress.is_some(), resolved }
+    }
+
+    /// Replaces the policy. Stored first, so it holds after any restart; then applied to the
+    /// live firewall, which cuts connections the new policy denies.
+    pub async fn set_network(&self, id: &str, policy: NetworkPolicy) -> Result<NetworkStatus, ApiError> {
+        let policy = policy.canonical()?;
+        let egress_policy = policy.to_egress()?;
+        let rec = self.record(id).await?;
+        // No lifecycle operation may set up or tear down the namespace meanwhile.
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        if matches!(rec.state, State::Stopping) {
+            return Err(ApiError::conflict(format!("sandbox {id} is stopping; try again when it settles")));
+        }
+        self.store.set_network(id, &policy).await?;
+        if let Some(egress) = self.egress_of(id) {
+            let change = egress
+                .set_policy(egress_policy)
+                .await
+                .map_err(|e| ApiError::internal(format!("applying the network policy of sandbox {id}: {e}")))?;
+            tracing::info!(%id, mode = ?policy.mode, connections_cut = change.connections_cut, "network policy replaced");
+        }
+        Ok(self.network_status(id, policy).await)
+    }
+}
