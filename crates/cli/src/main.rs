@@ -6,6 +6,7 @@ mod client;
 mod cp;
 mod exec;
 mod image;
+mod network;
 mod sandbox;
 mod template;
 

@@ -9,6 +9,7 @@ use reqwest::Method;
 use torpor_control::model::{CreateSandbox, Sandbox};
 
 use crate::client::Client;
+use crate::network::{NetworkCommand, PolicyArgs};
 
 #[derive(Subcommand)]
 pub enum SandboxCommand {
@@ -31,6 +32,8 @@ pub enum SandboxCommand {
         /// Boot the base image from scratch instead of restoring the base template snapshot.
         #[arg(long)]
         cold_boot: bool,
+        #[command(flatten)]
+        network: PolicyArgs,
         /// Print the whole sandbox as JSON instead of its id.
         #[arg(long)]
         json: bool,
@@ -84,6 +87,9 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show or replace a sandbox's egress policy.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Remove a sandbox and everything it owns.
     Rm { id: String },
 }
@@ -100,7 +106,7 @@ pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
     let client = Client::new(url, api_key)?;
     match cmd {
-        SandboxCommand::Create { template, vcpus, memory, env, idle_timeout, cold_boot, json } => {
+        SandboxCommand::Create { template, vcpus, memory, env, idle_timeout, cold_boot, network, json } => {
             let req = CreateSandbox {
                 template: Some(template),
                 vcpus,
@@ -108,6 +114,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
                 env: parse_env(&env)?,
                 idle_timeout_secs: idle_timeout,
                 cold_boot,
+                network: network.policy()?,
             };
             let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;
             if json {
@@ -178,6 +185,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
                 println!("resumes:        {}", u.resumes);
             }
         }
+        SandboxCommand::Network(cmd) => crate::network::run(cmd, &client).await?,
         SandboxCommand::Rm { id } => {
             client.send(client.request(Method::DELETE, &format!("/v1/sandboxes/{id}"))).await?;
             println!("{id} removed");

@@ -11,7 +11,9 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 use serde::Deserialize;
-use torpor_control::model::{CreateSandbox, CreateTemplate, ExecEvent, ExecRequest, Sandbox, Template};
+use torpor_control::model::{
+    CreateSandbox, CreateTemplate, ExecEvent, ExecRequest, NetworkMode, NetworkPolicy, Sandbox, Template,
+};
 
 use crate::client::Client;
 
@@ -49,6 +51,11 @@ pub struct TemplateFile {
     pub runs: Vec<RunSpec>,
     #[serde(default, rename = "process")]
     pub processes: Vec<ProcessSpec>,
+    /// Egress policy of sandboxes created from the template (deny-all if omitted).
+    pub network: Option<NetworkPolicy>,
+    /// Egress policy of the build VM (what `packages` and `[[run]]` may reach); `network` if
+    /// omitted.
+    pub build_network: Option<NetworkPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,7 +69,7 @@ pub struct FileSpec {
     pub mode: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
     pub command: String,
@@ -83,13 +90,17 @@ pub struct ProcessSpec {
 impl TemplateFile {
     pub fn parse(text: &str) -> Result<Self> {
         let t: TemplateFile = toml::from_str(text).context("invalid template file")?;
-        if !t.packages.is_empty() {
+        if !t.packages.is_empty() && t.build_policy().mode == NetworkMode::DenyAll {
             bail!(
-                "packages = {:?}: installing packages needs network access from inside the build VM, which \
-                 sandboxes do not have until egress policies exist; install them with a [[run]] command once \
-                 they do, or add them to the image",
+                "packages = {:?}: installing packages needs the build VM to reach a Debian mirror; give it a \
+                 policy, e.g. [build_network] mode = \"allowlist\", allow_domains = [\"deb.debian.org\"]",
                 t.packages
             );
+        }
+        for p in &t.packages {
+            if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:=~".contains(c)) {
+                bail!("package {p:?} is not a Debian package name");
+            }
         }
         for f in &t.files {
             if f.content.is_some() == f.source.is_some() {
@@ -102,6 +113,26 @@ impl TemplateFile {
             }
         }
         Ok(t)
+    }
+
+    pub fn build_policy(&self) -> NetworkPolicy {
+        self.build_network.clone().or_else(|| self.network.clone()).unwrap_or_default()
+    }
+
+    /// `[[run]]` steps, preceded by the package installation if there is one.
+    pub fn run_steps(&self) -> Vec<RunSpec> {
+        let mut steps = Vec::new();
+        if !self.packages.is_empty() {
+            steps.push(RunSpec {
+                command: format!(
+                    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}",
+                    self.packages.join(" ")
+                ),
+                timeout_secs: Some(1800.0),
+            });
+        }
+        steps.extend(self.runs.iter().cloned());
+        steps
     }
 }
 
@@ -155,7 +186,7 @@ async fn build(client: &Client, name: &str, file: &Path) -> Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let spec = TemplateFile::parse(&text).with_context(|| format!("in {}", file.display()))?;
     let base_dir = file.parent().unwrap_or(Path::new("."));
-    let steps = 2 + spec.files.len() + spec.runs.len() + spec.processes.len();
+    let steps = 2 + spec.files.len() + spec.run_steps().len() + spec.processes.len();
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{pos}/{len}] [{elapsed_precise}] {wide_msg}").expect("valid template"),
@@ -169,6 +200,7 @@ async fn build(client: &Client, name: &str, file: &Path) -> Result<()> {
         env: spec.env.clone(),
         idle_timeout_secs: Some(0),
         cold_boot: true,
+        network: Some(spec.build_policy()),
         ..Default::default()
     };
     let sandbox: Sandbox =
@@ -221,7 +253,7 @@ async fn build_in(
         client.send(req).await.with_context(|| format!("adding file {}", f.path))?;
         bar.inc(1);
     }
-    for r in &spec.runs {
+    for r in &spec.run_steps() {
         bar.set_message(format!("running: {}", r.command));
         let req = ExecRequest { timeout_secs: r.timeout_secs, ..shell(&r.command) };
         let (code, output) = exec(client, id, req).await?;
@@ -278,6 +310,7 @@ async fn build_in(
         name: name.to_owned(),
         sandbox: id.to_owned(),
         processes: spec.processes.iter().map(|p| p.name.clone()).collect(),
+        network: spec.network.clone(),
     };
     let t: Template = client.json(Method::POST, "/v1/templates", Some(&req)).await.context("capturing the template")?;
     bar.inc(1);
@@ -312,7 +345,11 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_do() {
-        assert!(TemplateFile::parse("packages = [\"jq\"]").unwrap_err().to_string().contains("network"));
+        assert!(TemplateFile::parse("packages = [\"jq\"]").unwrap_err().to_string().contains("build_network"));
+        let ok = "packages = [\"jq\"]\n[build_network]\nmode = \"allowlist\"\nallow_domains = [\"deb.debian.org\"]";
+        let t = TemplateFile::parse(ok).unwrap();
+        assert!(t.run_steps()[0].command.contains("apt-get install") && t.network.is_none());
+        assert!(TemplateFile::parse("packages = [\"jq; rm -rf /\"]\n[network]\nmode = \"open\"").is_err());
         assert!(TemplateFile::parse("[[file]]\npath = \"/x\"").is_err());
         assert!(TemplateFile::parse("colour = 1").is_err());
         assert!(TemplateFile::parse("[[process]]\nname = \"a b\"\ncommand = \"x\"\nready = \"y\"").is_err());
