@@ -47,6 +47,8 @@ fn claim_slot() -> (u16, std::fs::File) {
 }
 
 pub struct Daemon {
+    /// This daemon's slot: its port, address pool and lab internet derive from it.
+    pub slot: u16,
     pub home: tempfile::TempDir,
     pub url: String,
     pub api_key: String,
@@ -54,6 +56,8 @@ pub struct Daemon {
     child: Option<Child>,
     _slot_lock: std::fs::File,
     http: reqwest::Client,
+    /// Dropped after the daemon (and its sandboxes) are gone.
+    pub internet: Option<torpor_lab::Internet>,
 }
 
 /// Extra TOML lines for a test daemon's config.
@@ -61,6 +65,9 @@ pub struct Daemon {
 pub struct Options {
     pub extra_config: String,
     pub image_dir: Option<PathBuf>,
+    /// Start a lab internet (torpor-lab) for this daemon, with records of this TTL, and make
+    /// its DNS server the daemon's upstream.
+    pub internet_ttl: Option<u32>,
 }
 
 impl Daemon {
@@ -73,8 +80,13 @@ impl Daemon {
         let (slot, lock) = claim_slot();
         let home = tempfile::Builder::new().prefix("torpor-test-").tempdir().expect("temp home");
         let port = 17100 + slot;
+        let internet = opts.internet_ttl.map(|ttl| torpor_lab::Internet::start(slot as u8, ttl).expect("lab internet"));
+        let upstream = match &internet {
+            Some(net) => format!("dns_upstreams = [\"{}\"]\n", net.dns_server()),
+            None => String::new(),
+        };
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"10.{}.0.0/16\"\n{}\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"10.{}.0.0/16\"\n{upstream}{}\n",
             home.path().display(),
             opts.image_dir.unwrap_or_else(image_dir).display(),
             200 + slot,
@@ -83,6 +95,8 @@ impl Daemon {
         let config_path = home.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut daemon = Daemon {
+            slot,
+            internet,
             url: format!("http://127.0.0.1:{port}"),
             api_key: String::new(),
             config_path,
@@ -259,7 +273,9 @@ pub fn vm_pids(id: &str) -> Vec<u32> {
     let name = format!("torpor-{id}");
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         if cmdline.split(|b| *b == 0).any(|arg| arg == name.as_bytes()) {
             pids.push(pid);
