@@ -24,7 +24,7 @@ use torpor_proto::GUEST_GATEWAY;
 
 use crate::cmd::with_netns;
 use crate::firewall;
-use crate::policy::{Blocklist, EgressPolicy, Ipv4Net};
+use crate::policy::{Blocklist, EgressMode, EgressPolicy, Ipv4Net};
 use crate::NetError;
 
 /// Added to every record's TTL: the guest connects a moment after the answer arrives, and a TTL
@@ -45,7 +45,16 @@ impl Upstream {
     /// `servers` empty: the host's own resolvers, from /etc/resolv.conf.
     pub fn new(servers: &[IpAddr]) -> Result<Self, NetError> {
         let builder = if servers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| NetError::Dns(format!("reading /etc/resolv.conf: {e}")))?
+            match TokioResolver::builder_tokio() {
+                Ok(builder) => builder,
+                Err(e) => {
+                    // Sandboxes still start; their allowed names fail (SERVFAIL) until fixed.
+                    tracing::warn!(
+                        "no upstream name servers: reading /etc/resolv.conf failed ({e}); set dns_upstreams in the config"
+                    );
+                    TokioResolver::builder_with_config(ResolverConfig::default(), TokioRuntimeProvider::default())
+                }
+            }
         } else {
             let mut config = ResolverConfig::default();
             config.name_servers = servers.iter().map(|ip| NameServerConfig::udp_and_tcp(*ip)).collect();
@@ -110,11 +119,19 @@ impl SandboxEgress {
         upstream: Arc<Upstream>,
     ) -> Result<Self, NetError> {
         firewall::apply_policy(netns, &policy, &Blocklist::current(pool), None).await?;
+        // After a daemon restart the set still holds what the old resolver answered (for which
+        // names is lost: a policy change drops those addresses).
+        let now = Instant::now();
+        let resolved = firewall::list_resolved(netns)
+            .await?
+            .into_iter()
+            .map(|(ip, left)| (ip, Entry { names: BTreeSet::new(), expires: now + left }))
+            .collect();
         let inner = Arc::new(Inner {
             netns: netns.to_owned(),
             pool,
             upstream,
-            state: tokio::sync::Mutex::new(State { policy, resolved: HashMap::new() }),
+            state: tokio::sync::Mutex::new(State { policy, resolved }),
         });
         let listen: SocketAddr = (GUEST_GATEWAY.parse::<Ipv4Addr>().expect("constant address"), 53).into();
         let (udp, tcp) = with_netns(netns, move || {
@@ -214,10 +231,13 @@ impl Inner {
             }
         };
         let records = lookup.answers().to_vec();
+        // A cached answer carries the record's original TTL; what is left of it is what counts,
+        // and it keeps repeated answers from re-adding (and re-timing) the same element.
+        let remaining = lookup.valid_until().saturating_duration_since(Instant::now());
         let addrs: Vec<(Ipv4Addr, Duration)> = records
             .iter()
             .filter_map(|r| match &r.data {
-                RData::A(a) => Some((a.0, Duration::from_secs(u64::from(r.ttl)) + TTL_GRACE)),
+                RData::A(a) => Some((a.0, Duration::from_secs(u64::from(r.ttl)).min(remaining) + TTL_GRACE)),
                 _ => None,
             })
             .collect();
@@ -230,13 +250,21 @@ impl Inner {
             return Answer::Code(ResponseCode::NXDomain);
         }
         let now = Instant::now();
-        let stale: Vec<(Ipv4Addr, Duration)> = addrs
-            .iter()
-            .filter(|(ip, ttl)| state.resolved.get(ip).is_none_or(|e| e.expires < now + *ttl))
-            .copied()
-            .collect();
-        if !stale.is_empty() {
-            if let Err(e) = firewall::add_resolved(&self.netns, &stale).await {
+        let (mut fresh, mut refresh) = (Vec::new(), Vec::new());
+        for &(ip, ttl) in &addrs {
+            match state.resolved.get(&ip) {
+                // Timed out in the kernel too, which treats it as absent: a plain add will do.
+                None => fresh.push((ip, ttl)),
+                Some(e) if e.expires <= now => fresh.push((ip, ttl)),
+                // Already allowed for (nearly) as long: a second of slack absorbs rounding.
+                Some(e) if e.expires + Duration::from_secs(1) < now + ttl => refresh.push((ip, ttl)),
+                Some(_) => {}
+            }
+        }
+        // Only an allowlist consults the set; under open the addresses are remembered anyway,
+        // so a later switch to an allowlist keeps the names it still allows.
+        if state.policy.mode == EgressMode::Allowlist {
+            if let Err(e) = firewall::add_resolved(&self.netns, &fresh, &refresh).await {
                 tracing::warn!(netns = %self.netns, qname, error = %e, "cannot allow resolved addresses");
                 return Answer::Code(ResponseCode::ServFail);
             }

@@ -131,17 +131,51 @@ pub(crate) async fn apply_policy(
     in_ns(netns, "nft", &["-f", "-"], Some(policy_batch(policy, blocked, resolved))).await.map(drop)
 }
 
-/// Lets the guest reach `addrs` for the given time. An element already in the set keeps its old
-/// timeout on a plain `add`, so each is added (to be sure it exists), deleted and added again
-/// with the new timeout, all in one transaction.
-pub(crate) async fn add_resolved(netns: &str, addrs: &[(Ipv4Addr, Duration)]) -> Result<(), NetError> {
-    let plain: Vec<String> = addrs.iter().map(|(ip, _)| ip.to_string()).collect();
-    let plain = plain.join(", ");
-    let batch = format!(
-        "add element {TABLE} resolved {{ {plain} }}\ndelete element {TABLE} resolved {{ {plain} }}\nadd element {TABLE} resolved {{ {} }}\n",
-        timed_elements(addrs)
-    );
+/// Lets the guest reach `fresh` (not in the set yet) and `refresh` (in it, with a timeout that
+/// is too short) for the given times. A plain `add` of an element already present keeps its old
+/// timeout, so refreshed ones are deleted and added again in the same transaction. That costs
+/// ~15 ms here against ~3 ms for a plain add (the kernel waits for a grace period before freeing
+/// the old element), hence the split.
+pub(crate) async fn add_resolved(
+    netns: &str,
+    fresh: &[(Ipv4Addr, Duration)],
+    refresh: &[(Ipv4Addr, Duration)],
+) -> Result<(), NetError> {
+    let mut batch = String::new();
+    if !fresh.is_empty() {
+        let _ = writeln!(batch, "add element {TABLE} resolved {{ {} }}", timed_elements(fresh));
+    }
+    if !refresh.is_empty() {
+        let plain: Vec<String> = refresh.iter().map(|(ip, _)| ip.to_string()).collect();
+        let plain = plain.join(", ");
+        let _ = writeln!(batch, "add element {TABLE} resolved {{ {plain} }}");
+        let _ = writeln!(batch, "delete element {TABLE} resolved {{ {plain} }}");
+        let _ = writeln!(batch, "add element {TABLE} resolved {{ {} }}", timed_elements(refresh));
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
     in_ns(netns, "nft", &["-f", "-"], Some(batch)).await.map(drop)
+}
+
+/// The resolved set as the kernel has it: (address, time left). After a daemon restart this is
+/// all that is known of what the old resolver answered.
+pub(crate) async fn list_resolved(netns: &str) -> Result<Vec<(Ipv4Addr, Duration)>, NetError> {
+    let out = in_ns(netns, "nft", &["-j", "list", "set", "inet", "torpor_filter", "resolved"], None).await?;
+    Ok(parse_set_json(&out))
+}
+
+fn parse_set_json(json: &str) -> Vec<(Ipv4Addr, Duration)> {
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else { return Vec::new() };
+    let items = doc["nftables"].as_array().into_iter().flatten();
+    items
+        .filter_map(|item| item["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| {
+            let ip = e["elem"]["val"].as_str()?.parse().ok()?;
+            Some((ip, Duration::from_secs(e["elem"]["expires"].as_u64()?)))
+        })
+        .collect()
 }
 
 /// A connection the guest opened, as conntrack lists it.
@@ -222,6 +256,20 @@ mod tests {
         assert_eq!(rules[3], "ip daddr @blocked goto deny");
         assert_eq!(rules.last().unwrap(), "ip daddr @resolved accept");
         assert_eq!(egress_rules(&EgressPolicy::default()).len(), 2, "deny-all adds no accept");
+    }
+
+    #[test]
+    fn parses_the_resolved_set() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "resolved",
+            "elem": [{"elem": {"val": "1.2.3.4", "timeout": 30, "expires": 29}}, {"elem": {"val": "1.2.3.5", "timeout": 3600, "expires": 3599}}]}}]}"#;
+        assert_eq!(
+            parse_set_json(json),
+            vec![
+                (Ipv4Addr::new(1, 2, 3, 4), Duration::from_secs(29)),
+                (Ipv4Addr::new(1, 2, 3, 5), Duration::from_secs(3599))
+            ]
+        );
+        assert!(parse_set_json(r#"{"nftables": [{"set": {"name": "resolved"}}]}"#).is_empty());
     }
 
     #[test]

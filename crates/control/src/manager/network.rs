@@ -32,13 +32,12 @@ impl Manager {
         // From the store, not `rec`: a policy replaced since `rec` was read must win.
         let stored = self.store.get(&rec.id).await?.map(|r| r.network).unwrap_or_else(|| rec.network.clone());
         let policy = stored.to_egress()?;
+        // A resolver still bound in this namespace would hold the port the new one needs.
+        self.stop_egress(&rec.id);
         let egress = SandboxEgress::start(&net.netns, self.pool.net(), policy, self.upstream.clone())
             .await
             .map_err(|e| ApiError::internal(format!("starting the egress policy of sandbox {}: {e}", rec.id)))?;
-        let old = self.egress.lock().expect("egress table poisoned").insert(rec.id.clone(), Arc::new(egress));
-        if let Some(old) = old {
-            old.stop();
-        }
+        self.egress.lock().expect("egress table poisoned").insert(rec.id.clone(), Arc::new(egress));
         Ok(())
     }
 
