@@ -38,6 +38,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 50)]
         paused: usize,
     },
+    /// What the egress policy costs: TCP connect latency and bulk throughput to an allowed host
+    /// under `open` and `allowlist` side by side, and the sandbox resolver's answer latency.
+    /// Builds its own lab network and runs a private daemon (needs root).
+    Network {
+        /// TCP connections to time per policy.
+        #[arg(long, default_value_t = 200)]
+        connects: usize,
+        /// Size of each bulk download.
+        #[arg(long, default_value_t = 64)]
+        bulk_mib: u64,
+        #[arg(long, default_value_t = 3)]
+        bulk_runs: usize,
+        /// DNS queries per kind (cached, first lookup, refused, direct); at most 200.
+        #[arg(long, default_value_t = 100)]
+        dns_queries: usize,
+        /// Print the raw samples as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn percentile(samples: &[f64], p: f64) -> f64 {
@@ -77,6 +96,10 @@ pub async fn run(cmd: BenchCommand, url: &str, api_key: Option<String>) -> Resul
             bench_create(runs, exec_runs, vcpus, memory, json, url, api_key).await
         }
         BenchCommand::Lifecycle { cycles, paused } => crate::bench_lifecycle::run(cycles, paused, url, api_key).await,
+        BenchCommand::Network { connects, bulk_mib, bulk_runs, dns_queries, json } => {
+            crate::bench_network::run(crate::bench_network::Params { connects, bulk_mib, bulk_runs, dns_queries, json })
+                .await
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_lifecycle;
+mod bench_network;
 mod client;
 mod cp;
 mod exec;
