@@ -146,15 +146,19 @@ pub async fn run(cmd: TemplateCommand, url: &str, api_key: Option<String>) -> Re
             if json {
                 println!("{}", serde_json::to_string_pretty(&templates)?);
             } else {
-                println!("{:<20} {:>5} {:>8}  {:<20} PROCESSES", "NAME", "VCPUS", "MEMORY", "CREATED");
+                println!(
+                    "{:<20} {:>5} {:>8}  {:<20} {:<24} NETWORK",
+                    "NAME", "VCPUS", "MEMORY", "CREATED", "PROCESSES"
+                );
                 for t in templates {
                     println!(
-                        "{:<20} {:>5} {:>7}M  {:<20} {}",
+                        "{:<20} {:>5} {:>7}M  {:<20} {:<24} {}",
                         t.name,
                         t.vcpus,
                         t.memory_mib,
                         t.created_at.format("%Y-%m-%d %H:%M:%S"),
-                        t.processes.join(", ")
+                        t.processes.join(", "),
+                        describe_policy(&t.network)
                     );
                 }
             }
@@ -315,6 +319,21 @@ async fn build_in(
     let t: Template = client.json(Method::POST, "/v1/templates", Some(&req)).await.context("capturing the template")?;
     bar.inc(1);
     Ok(t)
+}
+
+/// `allowlist: github.com, 10.0.0.0/8:443` in one line.
+fn describe_policy(p: &NetworkPolicy) -> String {
+    let mode = match p.mode {
+        NetworkMode::DenyAll => "deny-all",
+        NetworkMode::Allowlist => "allowlist",
+        NetworkMode::Open => "open",
+    };
+    let rules: Vec<&str> = p.allow_domains.iter().chain(&p.allow_cidrs).map(String::as_str).collect();
+    if rules.is_empty() {
+        mode.to_owned()
+    } else {
+        format!("{mode}: {}", rules.join(", "))
+    }
 }
 
 #[cfg(test)]
