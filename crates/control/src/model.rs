@@ -222,8 +222,8 @@ impl NetworkPolicy {
 pub struct NetworkStatus {
     #[serde(flatten)]
     pub policy: NetworkPolicy,
-    /// Whether the policy is in force in a live firewall now (false while stopped: it applies
-    /// when the sandbox starts).
+    /// Whether exactly this policy is in force in a live firewall now (false while stopped: it
+    /// applies when the sandbox starts; false after a failed change, which leaves deny-all).
     pub enforced: bool,
     /// Addresses the sandbox may connect to because it resolved an allowed name.
     pub resolved: Vec<ResolvedAddress>,

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Metadata, ResponseCode};
-use hickory_proto::rr::{RData, Record, RecordType};
-use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 use hickory_server::net::runtime::Time;
@@ -30,9 +30,9 @@ use crate::NetError;
 /// Added to every record's TTL: the guest connects a moment after the answer arrives, and a TTL
 /// of 0 or 1 s would otherwise expire before its first SYN.
 const TTL_GRACE: Duration = Duration::from_secs(5);
-/// Addresses remembered per sandbox; the oldest are forgotten first (they stay in the nftables
-/// set until their own timeout).
-const MAX_REMEMBERED: usize = 4096;
+/// Addresses remembered per sandbox, as many as its nftables set holds; past that, the ones
+/// expiring soonest are forgotten first (they stay in the set until their own timeout).
+const MAX_REMEMBERED: usize = firewall::RESOLVED_SET_SIZE;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// The resolvers the host's sandbox resolvers forward to, shared by every sandbox (and so is
@@ -60,6 +60,12 @@ impl Upstream {
             config.name_servers = servers.iter().map(|ip| NameServerConfig::udp_and_tcp(*ip)).collect();
             TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
         };
+        let mut builder = builder;
+        // The guest's name and nothing else goes upstream: names are looked up fully qualified,
+        // so no search domain is appended (x.allowed.test must never become
+        // x.allowed.test.corp.internal), and /etc/hosts is not consulted.
+        builder.options_mut().ndots = 0;
+        builder.options_mut().use_hosts_file = ResolveHosts::Never;
         let resolver = builder.build().map_err(|e| NetError::Dns(format!("setting up the upstream resolver: {e}")))?;
         Ok(Self { resolver })
     }
@@ -162,14 +168,30 @@ impl SandboxEgress {
             .map(|(ip, e)| (*ip, e.expires - now))
             .collect();
         let blocked = Blocklist::current(inner.pool);
-        firewall::apply_policy(&inner.netns, &policy, &blocked, Some(&keep)).await?;
+        if let Err(e) = firewall::apply_policy(&inner.netns, &policy, &blocked, Some(&keep)).await {
+            // Neither the old policy (the caller asked for another) nor the new one (it did not
+            // load): fail closed until a policy applies.
+            let closed = EgressPolicy::default();
+            if firewall::apply_policy(&inner.netns, &closed, &blocked, Some(&[])).await.is_ok() {
+                state.policy = closed;
+                state.resolved.clear();
+            }
+            return Err(e);
+        }
         state.resolved.retain(|ip, _| keep.iter().any(|(k, _)| k == ip));
         for entry in state.resolved.values_mut() {
             entry.names.retain(|n| policy.allows_name(n));
         }
         state.policy = policy;
         let kept: HashSet<Ipv4Addr> = keep.iter().map(|(ip, _)| *ip).collect();
-        let connections_cut = firewall::cut_denied(&inner.netns, &state.policy, &blocked, &kept).await?;
+        // The policy is in force either way; failing to cut is reported, not fatal.
+        let connections_cut = match firewall::cut_denied(&inner.netns, &state.policy, &blocked, &kept).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(netns = %inner.netns, error = %e, "open connections the new policy denies were not cut");
+                0
+            }
+        };
         Ok(PolicyChange { connections_cut })
     }
 
@@ -221,7 +243,9 @@ impl Inner {
             // Sandboxes have no IPv6: an empty answer makes clients use IPv4 at once.
             return Answer::Records(Vec::new());
         }
-        let lookup = match self.upstream.resolver.lookup(qname, qtype).await {
+        let Ok(mut name) = Name::from_ascii(qname) else { return Answer::Code(ResponseCode::FormErr) };
+        name.set_fqdn(true);
+        let lookup = match self.upstream.resolver.lookup(name, qtype).await {
             Ok(lookup) => lookup,
             Err(e) if e.is_nx_domain() => return Answer::Code(ResponseCode::NXDomain),
             Err(e) if e.is_no_records_found() => return Answer::Records(Vec::new()),
@@ -231,8 +255,8 @@ impl Inner {
             }
         };
         let records = lookup.answers().to_vec();
-        // A cached answer carries the record's original TTL; what is left of it is what counts,
-        // and it keeps repeated answers from re-adding (and re-timing) the same element.
+        // Bounded by the lookup's own deadline, so repeated answers from the cache never extend
+        // (and so never re-add) an element.
         let remaining = lookup.valid_until().saturating_duration_since(Instant::now());
         let addrs: Vec<(Ipv4Addr, Duration)> = records
             .iter()
@@ -253,10 +277,9 @@ impl Inner {
         let (mut fresh, mut refresh) = (Vec::new(), Vec::new());
         for &(ip, ttl) in &addrs {
             match state.resolved.get(&ip) {
-                // Timed out in the kernel too, which treats it as absent: a plain add will do.
                 None => fresh.push((ip, ttl)),
-                Some(e) if e.expires <= now => fresh.push((ip, ttl)),
-                // Already allowed for (nearly) as long: a second of slack absorbs rounding.
+                // The kernel may still hold it (expired or not), and a plain add would keep its
+                // old timeout. A second of slack absorbs rounding.
                 Some(e) if e.expires + Duration::from_secs(1) < now + ttl => refresh.push((ip, ttl)),
                 Some(_) => {}
             }
@@ -276,6 +299,15 @@ impl Inner {
         }
         if state.resolved.len() > MAX_REMEMBERED {
             state.resolved.retain(|_, e| e.expires > now);
+            let excess = state.resolved.len().saturating_sub(MAX_REMEMBERED);
+            if excess > 0 {
+                let mut by_expiry: Vec<(Instant, Ipv4Addr)> =
+                    state.resolved.iter().map(|(ip, e)| (e.expires, *ip)).collect();
+                by_expiry.sort();
+                for (_, ip) in by_expiry.into_iter().take(excess) {
+                    state.resolved.remove(&ip);
+                }
+            }
         }
         Answer::Records(records)
     }

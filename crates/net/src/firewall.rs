@@ -18,6 +18,9 @@ use crate::policy::{Blocklist, EgressMode, EgressPolicy, Proto, DNS_PORTS};
 use crate::{NetError, SandboxNet, NS_VETH, TAP};
 
 const TABLE: &str = "inet torpor_filter";
+/// Most addresses one sandbox may have resolved at once; a full set makes the resolver answer
+/// SERVFAIL rather than let the daemon's memory grow without bound.
+pub(crate) const RESOLVED_SET_SIZE: usize = 16384;
 
 /// The namespace's whole firewall, with an empty egress chain (nothing leaves) until a policy is
 /// applied. The host reaches the guest on the supervisor port only; the guest reaches the
@@ -38,7 +41,7 @@ table ip torpor_nat {{
 }}
 table {TABLE} {{
   set blocked {{ type ipv4_addr; flags interval; auto-merge; {blocked_elements} }}
-  set resolved {{ type ipv4_addr; flags timeout; }}
+  set resolved {{ type ipv4_addr; flags timeout; size {RESOLVED_SET_SIZE}; }}
   chain deny {{
     meta l4proto tcp reject with tcp reset
     reject with icmpx type admin-prohibited
@@ -47,14 +50,17 @@ table {TABLE} {{
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
+    meta nfproto ipv6 drop
+    iifname "{TAP}" ip saddr != {GUEST_IP} drop
     ct state established,related accept
     iifname "{NS_VETH}" oifname "{TAP}" ip daddr {GUEST_IP} tcp dport {SUPERVISOR_PORT} ct state new accept
-    iifname "{TAP}" ip saddr != {GUEST_IP} drop
     iifname "{TAP}" oifname "{NS_VETH}" ct state new jump egress
     iifname "{TAP}" goto deny
   }}
   chain input {{
     type filter hook input priority filter; policy drop;
+    meta nfproto ipv6 drop
+    iifname "{TAP}" ip saddr != {GUEST_IP} drop
     ct state established,related accept
     iifname "lo" accept
     iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GUEST_GATEWAY} meta l4proto {{ tcp, udp }} th dport 53 accept
@@ -82,6 +88,10 @@ fn egress_rules(policy: &EgressPolicy) -> Vec<String> {
     for cidr in &policy.cidrs {
         rules.push(match cidr.ports {
             None => format!("ip daddr {} accept", cidr.net),
+            // A one-port range `80-80` is refused by nft releases before 1.0.3.
+            Some((lo, hi)) if lo == hi => {
+                format!("ip daddr {} meta l4proto {{ tcp, udp }} th dport {lo} accept", cidr.net)
+            }
             Some((lo, hi)) => format!("ip daddr {} meta l4proto {{ tcp, udp }} th dport {lo}-{hi} accept", cidr.net),
         });
     }
@@ -91,7 +101,7 @@ fn egress_rules(policy: &EgressPolicy) -> Vec<String> {
     match policy.mode {
         EgressMode::DenyAll => {}
         EgressMode::Allowlist => rules.push("ip daddr @resolved accept".to_owned()),
-        EgressMode::Open => rules.push("accept".to_owned()),
+        EgressMode::Open => rules.push("meta nfproto ipv4 accept".to_owned()),
     }
     rules
 }
@@ -217,7 +227,12 @@ pub(crate) async fn cut_denied(
     let listing = in_ns(netns, "conntrack", &["-L", "-s", GUEST_IP], None).await?;
     let gateway: Ipv4Addr = GUEST_GATEWAY.parse().expect("constant address");
     let mut cut = 0;
+    let mut seen = HashSet::new();
     for conn in parse_conntrack(&listing) {
+        // One deletion covers every flow to the same (protocol, address, port).
+        if !seen.insert((conn.proto_name.clone(), conn.dst, conn.dport)) {
+            continue;
+        }
         if conn.dst == gateway
             || policy.verdict(conn.dst, conn.proto, conn.dport, resolved.contains(&conn.dst), blocked)
         {
@@ -251,7 +266,7 @@ mod tests {
         .unwrap();
         let rules = egress_rules(&policy);
         assert_eq!(rules[0], "ip daddr 203.0.113.0/24 accept");
-        assert_eq!(rules[1], "ip daddr 10.0.0.5/32 meta l4proto { tcp, udp } th dport 5432-5432 accept");
+        assert_eq!(rules[1], "ip daddr 10.0.0.5/32 meta l4proto { tcp, udp } th dport 5432 accept");
         assert!(rules[2].contains("{ 53, 853 } goto deny"));
         assert_eq!(rules[3], "ip daddr @blocked goto deny");
         assert_eq!(rules.last().unwrap(), "ip daddr @resolved accept");

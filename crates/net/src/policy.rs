@@ -233,8 +233,10 @@ impl EgressPolicy {
             domains: domains.iter().map(|d| d.parse()).collect::<Result<_, _>>()?,
             cidrs: cidrs.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
         };
-        policy.domains.dedup();
-        policy.cidrs.dedup();
+        let mut seen = std::collections::HashSet::new();
+        policy.domains.retain(|d| seen.insert(d.to_string()));
+        seen.clear();
+        policy.cidrs.retain(|c| seen.insert(c.to_string()));
         Ok(policy)
     }
 
@@ -268,15 +270,18 @@ impl EgressPolicy {
 }
 
 /// Ranges no sandbox reaches unless a CIDR rule names them: private (RFC 1918, shared address
-/// space), loopback, link-local (cloud metadata lives at 169.254.169.254), multicast, reserved,
-/// broadcast and "this network".
-pub const ALWAYS_BLOCKED: [Ipv4Net; 9] = [
+/// space), loopback, link-local (cloud metadata lives at 169.254.169.254), IETF protocol
+/// assignments, Azure's platform address, multicast, reserved (240/4, with broadcast) and
+/// "this network".
+pub const ALWAYS_BLOCKED: [Ipv4Net; 11] = [
     Ipv4Net::new(0, 0, 0, 0, 8),
     Ipv4Net::new(10, 0, 0, 0, 8),
     Ipv4Net::new(100, 64, 0, 0, 10),
     Ipv4Net::new(127, 0, 0, 0, 8),
     Ipv4Net::new(169, 254, 0, 0, 16),
+    Ipv4Net::new(168, 63, 129, 16, 32),
     Ipv4Net::new(172, 16, 0, 0, 12),
+    Ipv4Net::new(192, 0, 0, 0, 24),
     Ipv4Net::new(192, 168, 0, 0, 16),
     Ipv4Net::new(224, 0, 0, 0, 4),
     Ipv4Net::new(240, 0, 0, 0, 4),

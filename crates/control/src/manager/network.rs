@@ -68,6 +68,11 @@ impl Manager {
 
     async fn network_status(&self, id: &str, policy: NetworkPolicy) -> NetworkStatus {
         let egress = self.egress_of(id);
+        // In force: a live firewall holding exactly the stored policy.
+        let enforced = match (&egress, policy.to_egress()) {
+            (Some(e), Ok(stored)) => e.policy().await == stored,
+            _ => false,
+        };
         let resolved = match &egress {
             Some(e) => e
                 .resolved()
@@ -81,7 +86,7 @@ impl Manager {
                 .collect(),
             None => Vec::new(),
         };
-        NetworkStatus { policy, enforced: egress.is_some(), resolved }
+        NetworkStatus { policy, enforced, resolved }
     }
 
     /// Replaces the policy. Stored first, so it holds after any restart; then applied to the
@@ -89,19 +94,23 @@ impl Manager {
     pub async fn set_network(&self, id: &str, policy: NetworkPolicy) -> Result<NetworkStatus, ApiError> {
         let policy = policy.canonical()?;
         let egress_policy = policy.to_egress()?;
-        let rec = self.record(id).await?;
+        self.record(id).await?;
         // No lifecycle operation may set up or tear down the namespace meanwhile.
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
-        if matches!(rec.state, State::Stopping) {
-            return Err(ApiError::conflict(format!("sandbox {id} is stopping; try again when it settles")));
+        let rec = self.record(id).await?;
+        // A create does not hold the op lock: its egress could start from the old policy.
+        if matches!(rec.state, State::Creating | State::Stopping) {
+            return Err(ApiError::conflict(format!("sandbox {id} is {}; try again when it settles", rec.state)));
         }
         self.store.set_network(id, &policy).await?;
         if let Some(egress) = self.egress_of(id) {
-            let change = egress
-                .set_policy(egress_policy)
-                .await
-                .map_err(|e| ApiError::internal(format!("applying the network policy of sandbox {id}: {e}")))?;
+            let change = egress.set_policy(egress_policy).await.map_err(|e| {
+                ApiError::internal(format!(
+                    "applying the network policy of sandbox {id} failed, so it now allows nothing (deny-all) until a \
+                     policy applies: {e}"
+                ))
+            })?;
             tracing::info!(%id, mode = ?policy.mode, connections_cut = change.connections_cut, "network policy replaced");
         }
         Ok(self.network_status(id, policy).await)

@@ -229,6 +229,10 @@ impl Manager {
     pub(super) async fn fail_after_transient(&self, id: &str, from: State, what: &str, e: &ApiError) {
         let reason = format!("{what} failed: {}", e.message);
         tracing::error!(%id, %reason);
+        // A failed sandbox has no VM; its network and resolver go too (start sets them up anew).
+        if let Ok(Some(rec)) = self.store.get(id).await {
+            let _ = self.teardown_net(&rec).await;
+        }
         let _ = self.store.set_pid(id, None).await;
         let _ = self.store.transition(id, &[from], State::Failed, Some(&reason)).await;
     }
