@@ -3,12 +3,16 @@
 //! Firecracker backend can slot in later without touching it.
 
 mod accel;
+pub mod cgroup;
+pub mod jail;
 mod process;
 pub mod qemu;
 pub mod snapshot;
 mod tsc;
 
 pub use accel::{choose as choose_accel, Accel, AccelChoice, AccelPreference, HostVirt};
+pub use cgroup::Limits;
+pub use jail::JailSpec;
 pub use snapshot::{SnapshotError, SnapshotMeta};
 
 use std::path::PathBuf;
@@ -67,6 +71,10 @@ pub struct VmSpec {
     pub secret_file: PathBuf,
     /// Appended to the kernel command line (debugging, fault injection).
     pub kernel_args_extra: String,
+    /// Who the VM process runs as and what it sees; `None` runs it unconfined (unit tests).
+    pub jail: Option<JailSpec>,
+    /// Its cgroup's limits; `None`: no cgroup.
+    pub limits: Option<Limits>,
 }
 
 impl VmSpec {
@@ -75,6 +83,10 @@ impl VmSpec {
     }
     pub fn console_log(&self) -> PathBuf {
         self.run_dir.join("console.log")
+    }
+    /// Directory the VM process may create files in (its control socket).
+    pub fn vmm_dir(&self) -> PathBuf {
+        self.run_dir.join("vmm")
     }
 }
 

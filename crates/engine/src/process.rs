@@ -6,6 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
+use crate::cgroup::Cgroup;
 use crate::VmExit;
 
 #[derive(Clone)]
@@ -26,7 +27,10 @@ impl ExitWatch {
         Self { rx }
     }
 
-    pub fn pid(pid: u32) -> std::io::Result<Self> {
+    /// Watches `pid` through a pidfd. When it exits it is reaped if it is our child (a jailed VM
+    /// is reparented to the daemon, a subreaper), which also tells how it ended; then its
+    /// `cgroup`, if any, is removed.
+    pub fn pid(pid: u32, cgroup: Option<Cgroup>) -> std::io::Result<Self> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if fd < 0 {
@@ -39,7 +43,11 @@ impl ExitWatch {
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
             let _ = fd.readable().await;
-            let _ = tx.send(Some(VmExit { description: format!("the VM process (pid {pid}) exited") }));
+            let description = reap(pid).unwrap_or_else(|| format!("the VM process (pid {pid}) exited"));
+            if let Some(cgroup) = cgroup {
+                remove_when_empty(&cgroup).await;
+            }
+            let _ = tx.send(Some(VmExit { description }));
         });
         Ok(Self { rx })
     }
@@ -59,6 +67,39 @@ impl ExitWatch {
     pub fn exited(&self) -> bool {
         self.rx.borrow().is_some()
     }
+}
+
+/// Reaps `pid` if it is our child and says how it ended; `None` if it is not ours to reap.
+fn reap(pid: u32) -> Option<String> {
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into `info`; the pid is a zombie we may reap (it cannot be reused
+    // before it is reaped).
+    let ret = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG) };
+    // SAFETY: si_pid/si_status are valid to read after waitid filled a SIGCHLD siginfo.
+    if ret != 0 || unsafe { info.si_pid() } == 0 {
+        return None;
+    }
+    let status = unsafe { info.si_status() };
+    Some(match info.si_code {
+        libc::CLD_EXITED if status == 0 => "the VM process exited".into(),
+        libc::CLD_EXITED => format!("the VM process exited with status {status}"),
+        _ => format!(
+            "the VM process was killed by signal {status} ({})",
+            nix::sys::signal::Signal::try_from(status).map(|s| s.as_str()).unwrap_or("unknown")
+        ),
+    })
+}
+
+/// An exited process leaves its cgroup a moment after it is gone.
+async fn remove_when_empty(cgroup: &Cgroup) {
+    for _ in 0..200 {
+        if !cgroup.populated() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    cgroup.remove();
 }
 
 fn describe(status: std::process::ExitStatus) -> String {

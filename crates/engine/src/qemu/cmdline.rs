@@ -10,7 +10,7 @@ pub fn process_name(id: &str) -> String {
 }
 
 pub fn qmp_socket(spec: &VmSpec) -> std::path::PathBuf {
-    spec.run_dir.join("qmp.sock")
+    spec.vmm_dir().join("qmp.sock")
 }
 
 /// `tsc_khz` is the host TSC frequency, given to TCG guests: they otherwise calibrate against the
@@ -85,6 +85,11 @@ pub fn args(spec: &VmSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
         format!("name={SECRET_FW_CFG_NAME},file={}", p(&spec.secret_file)),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", p(&qmp_socket(spec))),
+        // QEMU's own seccomp filter: no obsolete or privilege-changing system calls, no new
+        // processes (migration goes through descriptors the daemon passes), no changes to
+        // scheduling or resource limits.
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
     ];
     args.shrink_to_fit();
     args
@@ -110,6 +115,8 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             secret_file: "/data/sandboxes/sb-abc/secret".into(),
             kernel_args_extra: String::new(),
+            jail: None,
+            limits: None,
         }
     }
 
@@ -144,6 +151,16 @@ mod tests {
         let args = args(&spec(), Accel::Tcg, None);
         assert!(value_after(&args, "-fw_cfg").starts_with("name=opt/torpor/secret,file=/data/"));
         assert!(!value_after(&args, "-append").contains("secret"));
+    }
+
+    #[test]
+    fn qemu_confines_itself() {
+        let args = args(&spec(), Accel::Tcg, None);
+        assert_eq!(
+            value_after(&args, "-sandbox"),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        );
+        assert!(value_after(&args, "-qmp").contains("/data/sandboxes/sb-abc/vmm/qmp.sock"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 mod cmdline;
 mod qmp;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -11,6 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sched::CloneFlags;
 
+use crate::cgroup::{Cgroup, Hierarchy};
+use crate::jail::{self, JailSpec};
 use crate::process::{self, ExitWatch};
 use serde_json::json;
 
@@ -41,28 +43,39 @@ impl QemuEngine {
             Accel::Tcg => crate::tsc::host_tsc_khz(),
             Accel::Kvm => None,
         };
+        // A jailed VM's parent is an intermediate process that exits at once; as a subreaper
+        // the daemon inherits the VM, and so can reap it and learn how it ended.
+        // SAFETY: prctl with these arguments only sets a flag on this process.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            tracing::warn!("cannot become a child subreaper: exits of jailed VMs will lack their status");
+        }
         Ok(Self { binary: path, accel, tsc_khz })
     }
 }
 
 impl QemuEngine {
-    /// Starts QEMU for `spec` with `extra` arguments; returns once QMP answers.
+    /// Starts QEMU for `spec` with `extra` arguments, jailed when the spec says so; returns once
+    /// QMP answers.
     async fn spawn(&self, spec: &VmSpec, extra: &[&str]) -> Result<QemuVm, EngineError> {
         let qmp_path = cmdline::qmp_socket(spec);
+        let vmm_dir = spec.vmm_dir();
+        std::fs::create_dir_all(&vmm_dir).map_err(io(format!("creating {}", vmm_dir.display())))?;
         let _ = std::fs::remove_file(&qmp_path);
         let log_path = spec.run_dir.join("qemu.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|source| EngineError::Io { context: format!("opening {}", log_path.display()), source })?;
-        let log_err =
-            log.try_clone().map_err(|source| EngineError::Io { context: "duplicating log fd".into(), source })?;
-        let netns = std::fs::File::open(&spec.netns_path).map_err(|source| EngineError::Io {
-            context: format!("opening network namespace {}", spec.netns_path.display()),
-            source,
-        })?;
-        let netns_fd = netns.as_raw_fd();
+            .map_err(io(format!("opening {}", log_path.display())))?;
+        let log_err = log.try_clone().map_err(io("duplicating log fd"))?;
+        let cgroup = match (spec.limits, Hierarchy::detect()) {
+            (Some(limits), Some(hierarchy)) => {
+                let cgroup = Cgroup::for_vm(hierarchy, &process_name(&spec.id));
+                cgroup.create(&limits)?;
+                Some(cgroup)
+            }
+            _ => None,
+        };
 
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(cmdline::args(spec, self.accel, self.tsc_khz))
@@ -72,22 +85,57 @@ impl QemuEngine {
             .stdout(log)
             .stderr(log_err)
             .kill_on_drop(false);
-        // SAFETY: setns and setsid are async-signal-safe; the fd stays open until after spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                // The tap lives in the sandbox's namespace, so QEMU must be there to open it.
-                nix::sched::setns(std::os::fd::BorrowedFd::borrow_raw(netns_fd), CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
-                // Its own session: signals aimed at the daemon's terminal or group never reach it,
-                // so sandboxes outlive a daemon restart.
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(EngineError::Spawn)?;
-        drop(netns);
-        let pid = child.id().ok_or_else(|| EngineError::EarlyExit("no pid".into()))?;
-        let exit = ExitWatch::child(child);
+        let pid_report = match &spec.jail {
+            Some(jail) => {
+                let result = self.prepare_jail(spec, jail, cgroup.as_ref(), &mut cmd);
+                if result.is_err() {
+                    if let Some(cg) = &cgroup {
+                        cg.remove();
+                    }
+                }
+                Some(result?)
+            }
+            None => {
+                let netns = std::fs::File::open(&spec.netns_path)
+                    .map_err(io(format!("opening network namespace {}", spec.netns_path.display())))?;
+                // SAFETY: setns and setsid are async-signal-safe; `netns` lives in the closure.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        nix::sched::setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                        nix::unistd::setsid().map_err(std::io::Error::from)?;
+                        Ok(())
+                    });
+                }
+                None
+            }
+        };
+        let spawned = cmd.spawn();
+        // Closes the parent's copies of everything the child was handed.
+        drop(cmd);
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(EngineError::EarlyExit(format!("{e}: {}", log.trim())));
+            }
+        };
+        let (pid, exit) = match pid_report {
+            // The child was the jail's intermediate process: it has reported QEMU's pid and
+            // exited (tokio reaps it). QEMU is reparented to us.
+            Some(read_end) => {
+                let pid = jail::read_pid(read_end)?;
+                drop(child);
+                let exit = ExitWatch::pid(pid, cgroup.clone()).map_err(io(format!("watching pid {pid}")))?;
+                (pid, exit)
+            }
+            None => {
+                let pid = child.id().ok_or_else(|| EngineError::EarlyExit("no pid".into()))?;
+                (pid, ExitWatch::child(child))
+            }
+        };
         let vm = QemuVm { pid, exit, qmp_path };
         if let Err(e) = vm.wait_for_qmp().await {
             vm.terminate().await;
@@ -97,9 +145,58 @@ impl QemuEngine {
                 other => other,
             });
         }
-        tracing::debug!(id = %spec.id, pid, "VM process started");
+        tracing::debug!(id = %spec.id, pid, jailed = spec.jail.is_some(), "VM process started");
         Ok(vm)
     }
+
+    /// Readies the files the jailed VM works on and installs the jail (see `jail`); returns the
+    /// read end of the pipe the jail reports QEMU's pid on.
+    fn prepare_jail(
+        &self,
+        spec: &VmSpec,
+        jail: &JailSpec,
+        cgroup: Option<&Cgroup>,
+        cmd: &mut tokio::process::Command,
+    ) -> Result<std::os::fd::OwnedFd, EngineError> {
+        // QEMU cannot create files in the run directory, so what it writes exists beforehand.
+        let console = spec.console_log();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console)
+            .map_err(io(format!("creating {}", console.display())))?;
+        let memory = snapshot::memory_file(&spec.run_dir);
+        let ram = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&memory)
+            .map_err(io(format!("opening {}", memory.display())))?;
+        let size = u64::from(spec.memory_mib) << 20;
+        if ram.metadata().map_err(io("stat of the RAM file"))?.len() < size {
+            // Sparse: only the pages the guest touches are ever allocated.
+            ram.set_len(size).map_err(io(format!("sizing {}", memory.display())))?;
+        }
+        jail::prepare_run_dir(
+            &spec.run_dir,
+            jail,
+            &[spec.disk(), memory, console, spec.vmm_dir()],
+            std::slice::from_ref(&spec.secret_file),
+        )?;
+        let (read_end, write_end) = jail::pid_pipe()?;
+        let procs = cgroup.map(Cgroup::procs_files).unwrap_or_default();
+        let plan = jail::Plan::new(jail, &spec.netns_path, &spec.run_dir, &procs, self.accel == Accel::Kvm, write_end)?;
+        // SAFETY: `Plan::enter` makes only async-signal-safe calls on memory prepared here.
+        unsafe {
+            cmd.pre_exec(move || plan.enter());
+        }
+        Ok(read_end)
+    }
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
+    let context = context.into();
+    move |source| EngineError::Io { context, source }
 }
 
 /// Leave RAM that lives in a shared file out of the migration stream: the file already is the RAM.
@@ -173,8 +270,10 @@ impl Engine for QemuEngine {
         let loaded = async {
             let mut qmp = Qmp::connect(&vm.qmp_path).await?;
             qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
-            let uri = format!("exec:cat {}", snapshot::state_file(from).display());
-            qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
+            let state_path = snapshot::state_file(from);
+            let state = std::fs::File::open(&state_path).map_err(io(format!("opening {}", state_path.display())))?;
+            qmp.send_fd("incoming", state.as_fd()).await?;
+            qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:incoming" }))).await?;
             wait_for_migration(&mut qmp).await.map_err(EngineError::Load)?;
             // From `cont` on the guest writes to mem.ram: the snapshot stops existing first, so
             // nothing can ever restore a half-used one. A template is never written.
@@ -203,8 +302,8 @@ impl Engine for QemuEngine {
         if !is_vm_of(&spec.id, pid) {
             return Err(EngineError::NotOurs { pid, id: spec.id.clone() });
         }
-        let exit =
-            ExitWatch::pid(pid).map_err(|source| EngineError::Io { context: format!("watching pid {pid}"), source })?;
+        let cgroup = spec.limits.and(Hierarchy::detect()).map(|h| Cgroup::for_vm(h, &process_name(&spec.id)));
+        let exit = ExitWatch::pid(pid, cgroup).map_err(io(format!("watching pid {pid}")))?;
         let vm = QemuVm { pid, exit, qmp_path: cmdline::qmp_socket(spec) };
         let mut qmp = Qmp::connect(&vm.qmp_path).await?;
         qmp.execute("query-status", None).await?;
@@ -217,11 +316,15 @@ impl Engine for QemuEngine {
 /// engine instance: usable even when QEMU has been uninstalled since.
 pub async fn kill_stale_vms(id: &str) -> usize {
     let mut killed = 0;
+    let cgroup = Hierarchy::detect().map(|h| Cgroup::for_vm(h, &process_name(id)));
     for pid in process::pids_with_arg(&process_name(id)) {
-        let Ok(exit) = ExitWatch::pid(pid) else { continue };
+        let Ok(exit) = ExitWatch::pid(pid, cgroup.clone()) else { continue };
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         let _ = tokio::time::timeout(QUIT_GRACE, exit.wait()).await;
         killed += 1;
+    }
+    if let Some(cgroup) = cgroup {
+        cgroup.remove();
     }
     killed
 }
@@ -291,8 +394,13 @@ impl Vm for QemuVm {
         qmp.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": 100u64 << 30 }))).await?;
         qmp.execute("stop", None).await?;
         let saved = async {
-            let uri = format!("exec:cat > {}", tmp.display());
-            qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+            let file = std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&tmp)
+                .map_err(io(format!("creating {}", tmp.display())))?;
+            qmp.send_fd("outgoing", file.as_fd()).await?;
+            qmp.execute("migrate", Some(json!({ "uri": "fd:outgoing" }))).await?;
             wait_for_migration(&mut qmp).await.map_err(EngineError::Save)?;
             // Sealed while the guest is stopped but QEMU still alive: if sealing fails (disk
             // full), the guest simply runs on.

@@ -42,6 +42,46 @@ impl Qmp {
         serde_json::from_str(&line).map_err(|e| err(format!("invalid JSON {line:?}: {e}")))
     }
 
+    /// Hands QEMU an open descriptor under `name` (`getfd`): the jailed VM cannot open our
+    /// files, and its seccomp filter forbids the `exec:` migration transport.
+    pub async fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), EngineError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+        let line = format!("{}\n", json!({ "execute": "getfd", "arguments": { "fdname": name } }));
+        let raw = [fd.as_raw_fd()];
+        let stream = self.writer.as_ref();
+        loop {
+            stream.writable().await.map_err(|e| err(format!("waiting to write: {e}")))?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let cmsg = [ControlMessage::ScmRights(&raw)];
+                sendmsg::<UnixAddr>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(line.as_bytes())],
+                    &cmsg,
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == line.len() => break,
+                Ok(n) => return Err(err(format!("getfd: short write ({n} of {} bytes)", line.len()))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(err(format!("getfd: {e}"))),
+            }
+        }
+        loop {
+            let msg = self.read_message().await?;
+            if msg.get("return").is_some() {
+                return Ok(());
+            }
+            if let Some(error) = msg.get("error") {
+                return Err(err(format!("getfd: {}", error["desc"].as_str().unwrap_or("unknown error"))));
+            }
+        }
+    }
+
     pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, EngineError> {
         let mut request = json!({ "execute": command });
         if let Some(args) = arguments {
