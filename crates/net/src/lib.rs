@@ -76,15 +76,17 @@ impl SandboxNet {
 
     /// Creates the namespace, links and rules (with no egress: a policy is applied after). On
     /// failure everything created is removed again.
-    pub async fn setup(&self, blocked: &Blocklist) -> Result<(), NetError> {
-        let result = self.try_setup(blocked).await;
+    /// `tap_owner`: the uid (and gid) the VM process runs as, which may then attach to the tap
+    /// without any capability.
+    pub async fn setup(&self, blocked: &Blocklist, tap_owner: Option<u32>) -> Result<(), NetError> {
+        let result = self.try_setup(blocked, tap_owner).await;
         if result.is_err() {
             let _ = self.teardown().await;
         }
         result
     }
 
-    async fn try_setup(&self, blocked: &Blocklist) -> Result<(), NetError> {
+    async fn try_setup(&self, blocked: &Blocklist, tap_owner: Option<u32>) -> Result<(), NetError> {
         if let Some(owner) = address_owner(self.host_ip) {
             return Err(NetError::AddressInUse { addr: self.host_ip, interface: owner });
         }
@@ -96,7 +98,13 @@ impl SandboxNet {
         ip_in_ns(ns, &["link", "set", "lo", "up"]).await?;
         ip_in_ns(ns, &["addr", "add", &format!("{}/30", self.guest_access_ip), "dev", NS_VETH]).await?;
         ip_in_ns(ns, &["link", "set", NS_VETH, "up"]).await?;
-        ip_in_ns(ns, &["tuntap", "add", "dev", TAP, "mode", "tap"]).await?;
+        match tap_owner {
+            Some(id) => {
+                let id = id.to_string();
+                ip_in_ns(ns, &["tuntap", "add", "dev", TAP, "mode", "tap", "user", &id, "group", &id]).await?
+            }
+            None => ip_in_ns(ns, &["tuntap", "add", "dev", TAP, "mode", "tap"]).await?,
+        }
         ip_in_ns(ns, &["link", "set", TAP, "address", GATEWAY_MAC]).await?;
         ip_in_ns(ns, &["addr", "add", &format!("{GUEST_GATEWAY}/{GUEST_PREFIX_LEN}"), "dev", TAP]).await?;
         ip_in_ns(ns, &["link", "set", TAP, "up"]).await?;
