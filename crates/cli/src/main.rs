@@ -93,6 +93,7 @@ async fn run_server(config: Option<PathBuf>, listen: Option<std::net::SocketAddr
     let mut cfg = torpor_control::config::Config::load(config.as_deref())?;
     if let Some(listen) = listen {
         cfg.listen = listen;
+        cfg.validate()?;
     }
     let shutdown = async {
         let mut term =

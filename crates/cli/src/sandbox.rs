@@ -32,6 +32,10 @@ pub enum SandboxCommand {
         /// Boot the base image from scratch instead of restoring the base template snapshot.
         #[arg(long)]
         cold_boot: bool,
+        /// Disk quota in MiB: the most host disk the sandbox's writes may take (default from the
+        /// daemon's config: 4096); past it, writes fail in the guest with an I/O error.
+        #[arg(long, value_name = "MIB")]
+        disk: Option<u32>,
         #[command(flatten)]
         network: PolicyArgs,
         /// Print the whole sandbox as JSON instead of its id.
@@ -106,7 +110,7 @@ pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
     let client = Client::new(url, api_key)?;
     match cmd {
-        SandboxCommand::Create { template, vcpus, memory, env, idle_timeout, cold_boot, network, json } => {
+        SandboxCommand::Create { template, vcpus, memory, env, idle_timeout, cold_boot, disk, network, json } => {
             let req = CreateSandbox {
                 template: Some(template),
                 vcpus,
@@ -115,6 +119,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
                 idle_timeout_secs: idle_timeout,
                 cold_boot,
                 network: network.policy()?,
+                disk_mib: disk,
             };
             let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;
             if json {

@@ -51,6 +51,21 @@ pub struct Config {
     /// Name servers the sandboxes' resolver forwards allowed names to (IPv4 or IPv6 addresses,
     /// port 53). Empty: the host's own, from /etc/resolv.conf.
     pub dns_upstreams: Vec<std::net::IpAddr>,
+    /// Each sandbox's VM runs as uid (and gid) `vm_uid_base + its address slot`; the group
+    /// `vm_uid_base` may read templates. Pick a range no account on the host uses.
+    pub vm_uid_base: u32,
+    /// Memory a VM process may use beyond its guest's RAM (QEMU itself, TCG's code cache).
+    pub vmm_overhead_mib: u32,
+    /// Most processes and threads in one VM's cgroup.
+    pub vm_pids_max: u64,
+    /// Disk I/O weight of each VM (1-1000; honoured where the I/O scheduler supports weights).
+    pub vm_io_weight: u16,
+    /// Disk quota of a sandbox whose create request does not say, and the largest allowed.
+    pub default_disk_mib: u32,
+    pub max_disk_mib: u32,
+    /// Serve the API on a non-loopback address without TLS. Off: such a `listen` is refused
+    /// (put a TLS-terminating proxy in front, or set this knowingly).
+    pub allow_insecure_listen: bool,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -80,6 +95,13 @@ impl Default for Config {
             max_memory_mib: 65536,
             default_idle_timeout_secs: 300,
             dns_upstreams: Vec::new(),
+            vm_uid_base: 1_000_000_000,
+            vmm_overhead_mib: 256,
+            vm_pids_max: 512,
+            vm_io_weight: 100,
+            default_disk_mib: 4096,
+            max_disk_mib: 65536,
+            allow_insecure_listen: false,
         }
     }
 }
@@ -121,6 +143,25 @@ impl Config {
         }
         if self.boot_timeout_secs == 0 {
             return invalid("boot_timeout_secs", "must be at least 1");
+        }
+        if self.vm_uid_base < 65536 || self.vm_uid_base.checked_add(self.pool()?.capacity() + 1).is_none() {
+            return invalid("vm_uid_base", "must be at least 65536 and leave room for one uid per address slot");
+        }
+        if !(1..=1000).contains(&self.vm_io_weight) {
+            return invalid("vm_io_weight", "must be between 1 and 1000");
+        }
+        if self.vm_pids_max < 16 {
+            return invalid("vm_pids_max", "must be at least 16 (QEMU's own threads)");
+        }
+        if self.default_disk_mib < 64 || self.default_disk_mib > self.max_disk_mib {
+            return invalid("default_disk_mib", "must be at least 64 and at most max_disk_mib");
+        }
+        if !self.listen.ip().is_loopback() && !self.allow_insecure_listen {
+            return invalid(
+                "listen",
+                "is not a loopback address: the API would be served without TLS to the network. Keep it on \
+                 127.0.0.1 behind a TLS-terminating proxy, or set allow_insecure_listen = true knowingly",
+            );
         }
         Ok(())
     }

@@ -68,6 +68,20 @@ pub struct NetworkInfo {
     pub host_address: Option<String>,
 }
 
+/// What the sandbox's VM process may use on the host (its cgroup and disk quota).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Limits {
+    /// CPU time per 100 ms period, in µs (vCPUs × 100 000).
+    pub cpu_quota_us: u64,
+    /// Guest RAM plus the VMM's overhead.
+    pub memory_bytes: u64,
+    pub pids: u64,
+    /// Disk I/O weight (1-1000, 100 is an even share).
+    pub io_weight: u16,
+    /// Most bytes its disk layer may take on the host.
+    pub disk_bytes: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Sandbox {
     pub id: String,
@@ -86,6 +100,7 @@ pub struct Sandbox {
     /// Seconds without API calls, execs or relay traffic before the sandbox pauses; 0 = never.
     pub idle_timeout_secs: u64,
     pub network: NetworkInfo,
+    pub limits: Limits,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -107,6 +122,10 @@ pub struct CreateSandbox {
     pub cold_boot: bool,
     /// Egress policy; the template's default (else deny-all) if omitted.
     pub network: Option<NetworkPolicy>,
+    /// Disk quota in MiB: the sandbox's writes to its disk cannot take more host disk than this
+    /// (default from the daemon's config: 4096). Past it, writes fail in the guest with an I/O
+    /// error.
+    pub disk_mib: Option<u32>,
 }
 
 /// A create request with defaults filled in and every field checked.
@@ -121,6 +140,7 @@ pub struct ValidCreate {
     pub cold_boot: bool,
     /// Checked and in canonical form.
     pub network: Option<NetworkPolicy>,
+    pub disk_mib: u32,
 }
 
 /// Longest idle timeout accepted: 30 days (0 means never, for longer).
@@ -153,7 +173,15 @@ impl CreateSandbox {
             return Err(ApiError::invalid(format!("template {template:?} is a snapshot and cannot be cold-booted")));
         }
         let network = self.network.map(|n| n.canonical()).transpose()?;
+        let disk_mib = self.disk_mib.unwrap_or(cfg.default_disk_mib);
+        if !(64..=cfg.max_disk_mib).contains(&disk_mib) {
+            return Err(ApiError::invalid(format!(
+                "disk_mib must be between 64 and {}, got {disk_mib}",
+                cfg.max_disk_mib
+            )));
+        }
         Ok(ValidCreate {
+            disk_mib,
             network,
             template,
             vcpus: self.vcpus,
@@ -404,6 +432,7 @@ pub struct Usage {
     /// Bytes on the host's disk right now (disk layer, snapshot, logs).
     pub storage_bytes: u64,
     pub resumes: u64,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]

@@ -35,6 +35,9 @@ pub async fn run(
     if !nix::unistd::Uid::effective().is_root() {
         return Err(ServerError::NotRoot);
     }
+    // Everything the daemon creates (disks, snapshots, logs, keys) is private unless made
+    // otherwise on purpose.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     create_private_dir(&cfg.data_dir).map_err(|e| ServerError::Setup(e.message))?;
     create_private_dir(&cfg.sandboxes_dir()).map_err(|e| ServerError::Setup(e.message))?;
     let api_key = crate::files::load_or_create_api_key(&cfg.data_dir)
@@ -82,6 +85,8 @@ pub async fn run(
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
     tracing::info!(%listen, data_dir = %cfg.data_dir.display(), "torpor API listening");
-    let app = router(AppState { manager, api_key: Arc::new(api_key) });
+    let app = router(AppState { manager, api_key: Arc::new(api_key), auth_failures: Default::default() });
+    // Client addresses feed the rate limit on failed authentications.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)
 }

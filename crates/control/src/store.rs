@@ -49,6 +49,7 @@ pub struct Record {
     /// Directory of the template this sandbox was cloned from.
     pub template_dir: Option<String>,
     pub network: NetworkPolicy,
+    pub disk_mib: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -129,8 +130,8 @@ impl Store {
             return Err(StoreError::PoolExhausted(capacity));
         }
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network, disk_mib)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(rec.state.as_str())
@@ -148,6 +149,7 @@ impl Store {
         .bind(rec.idle_timeout_secs as i64)
         .bind(&rec.template_dir)
         .bind(serde_json::to_string(&rec.network).expect("policy serialises"))
+        .bind(rec.disk_mib as i64)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -350,6 +352,7 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
         template_dir: row.try_get("template_dir")?,
         network: serde_json::from_str(&row.try_get::<String, _>("network")?)
             .map_err(|e| corrupt(format!("network: {e}")))?,
+        disk_mib: row.try_get::<i64, _>("disk_mib")? as u32,
         id,
     })
 }
@@ -403,6 +406,7 @@ mod tests {
             meter: Meter::default(),
             template_dir: None,
             network: Default::default(),
+            disk_mib: 4096,
         }
     }
 

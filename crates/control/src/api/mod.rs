@@ -26,6 +26,38 @@ use crate::model::*;
 pub struct AppState {
     pub manager: Arc<Manager>,
     pub api_key: Arc<String>,
+    pub auth_failures: Arc<AuthFailures>,
+}
+
+/// Failed authentications per client address: past `AUTH_FAILURES_ALLOWED` within
+/// `AUTH_WINDOW`, that address gets 429 until the window ends, so an API key cannot be
+/// guessed at network speed.
+#[derive(Default)]
+pub struct AuthFailures(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>);
+
+const AUTH_FAILURES_ALLOWED: u32 = 10;
+const AUTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl AuthFailures {
+    /// Seconds until `ip` may try again, if it is locked out.
+    fn locked_out(&self, ip: std::net::IpAddr) -> Option<u64> {
+        let table = self.0.lock().expect("auth table poisoned");
+        let (count, since) = table.get(&ip)?;
+        let left = AUTH_WINDOW.checked_sub(since.elapsed())?;
+        (*count >= AUTH_FAILURES_ALLOWED).then(|| left.as_secs().max(1))
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) {
+        let mut table = self.0.lock().expect("auth table poisoned");
+        // Forget windows that ended, so the table cannot grow without bound.
+        table.retain(|_, (_, since)| since.elapsed() < AUTH_WINDOW);
+        let entry = table.entry(ip).or_insert((0, std::time::Instant::now()));
+        entry.0 += 1;
+    }
+
+    fn succeeded(&self, ip: std::net::IpAddr) {
+        self.0.lock().expect("auth table poisoned").remove(&ip);
+    }
 }
 
 #[derive(OpenApi)]
@@ -106,6 +138,18 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
 }
 
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    if let Some(secs) = state.auth_failures.locked_out(client) {
+        return ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed authentications from {client}; try again in {secs} s"),
+        )
+        .into_response();
+    }
     let given = req
         .headers()
         .get(AUTHORIZATION)
@@ -113,8 +157,10 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(state.api_key.as_bytes())) {
+        state.auth_failures.succeeded(client);
         next.run(req).await
     } else {
+        state.auth_failures.failed(client);
         ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer <key>)")
             .into_response()
     }

@@ -178,6 +178,47 @@ impl Manager {
             secret_file: run_dir.join("secret"),
             run_dir,
             kernel_args_extra: self.cfg.kernel_args_extra.clone(),
+            jail: Some(self.jail_spec(rec, &image, template.as_deref())),
+            limits: Some(self.engine_limits(rec)),
+        }
+    }
+
+    /// The sandbox's VM uid and gid: one per address slot, so no two live sandboxes share one.
+    pub(super) fn vm_uid(&self, rec: &Record) -> u32 {
+        self.cfg.vm_uid_base + rec.slot
+    }
+
+    fn jail_spec(
+        &self,
+        rec: &Record,
+        image: &std::path::Path,
+        template: Option<&std::path::Path>,
+    ) -> torpor_engine::JailSpec {
+        let uid = self.vm_uid(rec);
+        let groups = vec![self.cfg.vm_uid_base];
+        let mut read_only = vec![image.to_path_buf()];
+        read_only.extend(template.map(std::path::Path::to_path_buf));
+        torpor_engine::JailSpec { uid, gid: uid, groups, max_file_bytes: u64::from(rec.disk_mib) << 20, read_only }
+    }
+
+    fn engine_limits(&self, rec: &Record) -> torpor_engine::Limits {
+        torpor_engine::Limits::new(
+            rec.vcpus,
+            rec.memory_mib,
+            self.cfg.vmm_overhead_mib,
+            self.cfg.vm_pids_max,
+            self.cfg.vm_io_weight,
+        )
+    }
+
+    pub(super) fn api_limits(&self, rec: &Record) -> crate::model::Limits {
+        let l = self.engine_limits(rec);
+        crate::model::Limits {
+            cpu_quota_us: l.cpu_quota_us,
+            memory_bytes: l.memory_bytes,
+            pids: l.pids,
+            io_weight: l.io_weight,
+            disk_bytes: u64::from(rec.disk_mib) << 20,
         }
     }
 
@@ -200,6 +241,7 @@ impl Manager {
                 guest_ip: torpor_proto::GUEST_IP.into(),
                 host_address: reachable.then(|| self.net_for(rec).supervisor_addr().to_string()),
             },
+            limits: self.api_limits(rec),
             created_at: rec.created_at,
             updated_at: rec.updated_at,
         }
@@ -308,6 +350,7 @@ impl Manager {
             meter: Default::default(),
             template_dir: None,
             network: req.network.clone().unwrap_or_default(),
+            disk_mib: req.disk_mib,
         }
     }
 
@@ -468,7 +511,7 @@ impl Manager {
 
     async fn finish_stop(&self, id: &str) -> Result<(), ApiError> {
         let dir = self.run_dir(id);
-        let _ = std::fs::remove_file(dir.join("qmp.sock"));
+        let _ = std::fs::remove_file(dir.join("vmm").join("qmp.sock"));
         self.store.set_pid(id, None).await?;
         self.store.transition(id, &[State::Stopping], State::Stopped, None).await?;
         Ok(())

@@ -250,6 +250,7 @@ impl Manager {
             paused_byte_seconds: paused_byte_ms / 1000.0,
             storage_bytes: dir_bytes_on_disk(&self.run_dir(id)),
             resumes: rec.meter.resumes,
+            limits: self.api_limits(&rec),
         })
     }
 

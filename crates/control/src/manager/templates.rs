@@ -65,6 +65,7 @@ impl Manager {
             idle_timeout_secs: 0,
             cold_boot: true,
             network: None,
+            disk_mib: self.cfg.default_disk_mib,
         };
         let sandbox = self.create_cold(engine, req).await?;
         self.capture(BASE_TEMPLATE, &sandbox.id, vec!["torpor-guest".into()], Default::default()).await
@@ -107,6 +108,7 @@ impl Manager {
             std::fs::rename(run_dir.join(file), dir.join(file))
                 .map_err(|e| ApiError::internal(format!("moving {file} into template {name}: {e}")))?;
         }
+        share_with_vms(&dir, self.cfg.vm_uid_base)?;
         let template = TemplateRecord {
             name: name.to_owned(),
             dir: dir.display().to_string(),
@@ -221,6 +223,22 @@ impl Manager {
             }
         }
     }
+}
+
+/// A template is the daemon's, readable (never writable) by the VMs of its clones, which read
+/// its disk layer as their backing file: root-owned, group `vm_group`, 0640 in a 0750 directory.
+fn share_with_vms(dir: &Path, vm_group: u32) -> Result<(), ApiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fix = |p: &Path, mode: u32| -> Result<(), ApiError> {
+        std::os::unix::fs::chown(p, Some(0), Some(vm_group))
+            .and_then(|_| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)))
+            .map_err(|e| ApiError::internal(format!("securing {}: {e}", p.display())))
+    };
+    fix(dir, 0o750)?;
+    for file in TEMPLATE_FILES {
+        fix(&dir.join(file), 0o640)?;
+    }
+    Ok(())
 }
 
 /// The clone's own RAM file: a reflink where the filesystem supports one, else a copy of only
