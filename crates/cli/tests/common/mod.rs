@@ -85,8 +85,10 @@ impl Daemon {
             Some(net) => format!("dns_upstreams = [\"{}\"]\n", net.dns_server()),
             None => String::new(),
         };
+        // VM uids of concurrently running test daemons must not overlap either.
+        let uid_base = 1_000_000_000 + u32::from(slot) * 20_000;
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"10.{}.0.0/16\"\n{upstream}{}\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"10.{}.0.0/16\"\nvm_uid_base = {uid_base}\n{upstream}{}\n",
             home.path().display(),
             opts.image_dir.unwrap_or_else(image_dir).display(),
             200 + slot,
