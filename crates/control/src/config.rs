@@ -66,6 +66,9 @@ pub struct Config {
     /// Serve the API on a non-loopback address without TLS. Off: such a `listen` is refused
     /// (put a TLS-terminating proxy in front, or set this knowingly).
     pub allow_insecure_listen: bool,
+    /// Lifetime of the device tokens sandboxes hold (at most 3600); they are re-issued on every
+    /// resume and before they expire.
+    pub device_token_ttl_secs: u64,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -102,6 +105,7 @@ impl Default for Config {
             default_disk_mib: 4096,
             max_disk_mib: 65536,
             allow_insecure_listen: false,
+            device_token_ttl_secs: 3600,
         }
     }
 }
@@ -146,6 +150,9 @@ impl Config {
         }
         if self.vm_uid_base < 65536 || self.vm_uid_base.checked_add(self.pool()?.capacity() + 1).is_none() {
             return invalid("vm_uid_base", "must be at least 65536 and leave room for one uid per address slot");
+        }
+        if !(1..=3600).contains(&self.device_token_ttl_secs) {
+            return invalid("device_token_ttl_secs", "must be between 1 and 3600");
         }
         if !(1..=1000).contains(&self.vm_io_weight) {
             return invalid("vm_io_weight", "must be between 1 and 1000");

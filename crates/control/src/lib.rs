@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod files;
 pub mod guest;
+pub mod identity;
 pub mod manager;
 pub mod model;
 pub mod server;
