@@ -68,6 +68,10 @@ pub async fn run(
     let listen = cfg.listen;
     let cfg = Arc::new(cfg);
     let manager = Manager::new(cfg.clone(), store, engine).map_err(|e| ServerError::Setup(e.message))?;
+    let app =
+        router(AppState { manager: manager.clone(), api_key: Arc::new(api_key), auth_failures: Default::default() });
+    // Before reconcile: the sandboxes it adopts are served the API in their namespaces too.
+    manager.set_guest_api(app.clone());
     let report = manager.reconcile().await.map_err(|e| ServerError::Setup(e.message))?;
     tracing::info!(
         adopted = report.adopted.len(),
@@ -85,7 +89,6 @@ pub async fn run(
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
     tracing::info!(%listen, data_dir = %cfg.data_dir.display(), "torpor API listening");
-    let app = router(AppState { manager, api_key: Arc::new(api_key), auth_failures: Default::default() });
     // Client addresses feed the rate limit on failed authentications.
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use torpor_proto::{GUEST_GATEWAY, GUEST_IP, SUPERVISOR_PORT};
+use torpor_proto::{GUEST_API_PORT, GUEST_GATEWAY, GUEST_IP, SUPERVISOR_PORT};
 
 use crate::cmd::in_ns;
 use crate::policy::{Blocklist, EgressMode, EgressPolicy, Proto, DNS_PORTS};
@@ -64,6 +64,7 @@ table {TABLE} {{
     ct state established,related accept
     iifname "lo" accept
     iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GUEST_GATEWAY} meta l4proto {{ tcp, udp }} th dport 53 accept
+    iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GUEST_GATEWAY} tcp dport {GUEST_API_PORT} accept
     iifname "{TAP}" goto deny
     iifname "{NS_VETH}" meta l4proto tcp reject with tcp reset
   }}

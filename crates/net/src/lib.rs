@@ -15,6 +15,7 @@ mod host;
 mod policy;
 
 pub use addr::{AddressPool, PoolError};
+pub use cmd::with_netns;
 pub use egress::{PolicyChange, ResolvedAddress, SandboxEgress, Upstream};
 pub use host::HostRouting;
 pub use policy::{Blocklist, CidrRule, DomainPattern, EgressMode, EgressPolicy, Ipv4Net, PolicyError};

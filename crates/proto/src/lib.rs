@@ -17,6 +17,9 @@ pub const SECRET_FW_CFG_NAME: &str = "opt/torpor/secret";
 /// Fixed guest network: every sandbox sees the same addresses, so clones of one snapshot all work.
 pub const GUEST_IP: &str = "192.168.240.2";
 pub const GUEST_GATEWAY: &str = "192.168.240.1";
+/// Port of the Torpor API as the guest reaches it, on the gateway address (served by the daemon
+/// inside the sandbox namespace; device tokens only).
+pub const GUEST_API_PORT: u16 = 7070;
 pub const GUEST_PREFIX_LEN: u8 = 24;
 /// Every guest's MAC at boot, like its IP: each sits alone on its own link. Clones of a template
 /// take a random one of their own.

@@ -29,34 +29,38 @@ pub struct AppState {
     pub auth_failures: Arc<AuthFailures>,
 }
 
-/// Failed authentications per client address: past `AUTH_FAILURES_ALLOWED` within
-/// `AUTH_WINDOW`, that address gets 429 until the window ends, so an API key cannot be
-/// guessed at network speed.
+/// Failed authentications per client (its address; for a guest, its sandbox, since every guest
+/// has the same address): past `AUTH_FAILURES_ALLOWED` within `AUTH_WINDOW`, that client gets
+/// 429 until the window ends, so a key cannot be guessed at network speed.
 #[derive(Default)]
-pub struct AuthFailures(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>);
+pub struct AuthFailures(std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>);
+
+/// Marks requests that arrived on a sandbox's own API endpoint, inside its namespace.
+#[derive(Clone)]
+pub struct FromSandbox(pub String);
 
 const AUTH_FAILURES_ALLOWED: u32 = 10;
 const AUTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl AuthFailures {
     /// Seconds until `ip` may try again, if it is locked out.
-    fn locked_out(&self, ip: std::net::IpAddr) -> Option<u64> {
+    fn locked_out(&self, client: &str) -> Option<u64> {
         let table = self.0.lock().expect("auth table poisoned");
-        let (count, since) = table.get(&ip)?;
+        let (count, since) = table.get(client)?;
         let left = AUTH_WINDOW.checked_sub(since.elapsed())?;
         (*count >= AUTH_FAILURES_ALLOWED).then(|| left.as_secs().max(1))
     }
 
-    fn failed(&self, ip: std::net::IpAddr) {
+    fn failed(&self, client: &str) {
         let mut table = self.0.lock().expect("auth table poisoned");
         // Forget windows that ended, so the table cannot grow without bound.
         table.retain(|_, (_, since)| since.elapsed() < AUTH_WINDOW);
-        let entry = table.entry(ip).or_insert((0, std::time::Instant::now()));
+        let entry = table.entry(client.to_owned()).or_insert((0, std::time::Instant::now()));
         entry.0 += 1;
     }
 
-    fn succeeded(&self, ip: std::net::IpAddr) {
-        self.0.lock().expect("auth table poisoned").remove(&ip);
+    fn succeeded(&self, client: &str) {
+        self.0.lock().expect("auth table poisoned").remove(client);
     }
 }
 
@@ -68,7 +72,7 @@ impl AuthFailures {
         sandboxes::pause, sandboxes::resume, sandboxes::connect, sandboxes::start, sandboxes::usage,
         network::get_network, network::put_network,
         templates::create, templates::list, templates::delete,
-        exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health
+        exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health, jwks
     ),
     components(schemas(
         Sandbox, crate::model::State, NetworkInfo, Usage, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
@@ -113,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/.well-known/jwks.json", get(jwks))
         .route("/v1/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .merge(authed)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
@@ -137,13 +142,22 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
     })
 }
 
+/// The public key that signs device tokens (JWKS), for anyone who checks them.
+#[utoipa::path(get, path = "/v1/.well-known/jwks.json", responses((status = 200, description = "a JWK set")))]
+async fn jwks(State(state): State<AppState>) -> Json<jsonwebtoken::jwk::JwkSet> {
+    Json(state.manager.tokens.jwks())
+}
+
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let client = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    if let Some(secs) = state.auth_failures.locked_out(client) {
+    let client = match req.extensions().get::<FromSandbox>() {
+        Some(FromSandbox(id)) => format!("sandbox {id}"),
+        None => req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_string())
+            .unwrap_or_else(|| "unknown".into()),
+    };
+    if let Some(secs) = state.auth_failures.locked_out(&client) {
         return ApiError::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
             format!("too many failed authentications from {client}; try again in {secs} s"),
@@ -157,10 +171,24 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(state.api_key.as_bytes())) {
-        state.auth_failures.succeeded(client);
+        state.auth_failures.succeeded(&client);
         next.run(req).await
+    } else if let Ok(claims) = state.manager.tokens.verify(given) {
+        state.auth_failures.succeeded(&client);
+        // A device token opens its own sandbox and nothing else.
+        let own = format!("/v1/sandboxes/{}", claims.sub);
+        let path = req.uri().path();
+        if path == own || path.starts_with(&format!("{own}/")) {
+            next.run(req).await
+        } else {
+            ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                format!("a device token only opens its own sandbox ({}), not {path}", claims.sub),
+            )
+            .into_response()
+        }
     } else {
-        state.auth_failures.failed(client);
+        state.auth_failures.failed(&client);
         ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer <key>)")
             .into_response()
     }

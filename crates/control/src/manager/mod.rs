@@ -3,6 +3,7 @@
 //! The store is the source of truth; `live` holds the handles of VMs this daemon is responsible
 //! for right now.
 
+mod credentials;
 mod network;
 mod reconcile;
 mod suspend;
@@ -44,6 +45,10 @@ pub struct Live {
     in_flight: AtomicUsize,
     /// Idle time after which the sandbox pauses; 0 = never.
     idle_timeout_ms: u64,
+    /// When the credentials it holds expire (ms since the epoch; 0 = none pushed yet).
+    credentials_expire_ms: AtomicU64,
+    /// A credential refresh is in flight.
+    refreshing: AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -60,6 +65,8 @@ impl Live {
             last_activity_ms: AtomicU64::new(now_ms()),
             in_flight: AtomicUsize::new(0),
             idle_timeout_ms: rec.idle_timeout_secs * 1000,
+            credentials_expire_ms: AtomicU64::new(0),
+            refreshing: AtomicBool::new(false),
         })
     }
 
@@ -115,13 +122,25 @@ pub struct Manager {
     /// Egress (policy in force and resolver) of every sandbox whose namespace exists.
     egress: Mutex<HashMap<String, Arc<SandboxEgress>>>,
     upstream: Arc<Upstream>,
+    /// Signs the device tokens sandboxes hold.
+    pub tokens: Arc<crate::identity::DeviceTokens>,
+    /// The API as guests reach it, served inside each sandbox's namespace (set once the router
+    /// exists).
+    guest_api: std::sync::OnceLock<axum::Router>,
+    guest_api_tasks: Mutex<HashMap<String, tokio_util::sync::CancellationToken>>,
 }
 
 impl Manager {
     pub fn new(cfg: Arc<Config>, store: Store, engine: Result<Arc<dyn Engine>, String>) -> Result<Arc<Self>, ApiError> {
         let pool = cfg.pool().map_err(|e| ApiError::internal(e.to_string()))?;
         let upstream = Upstream::new(&cfg.dns_upstreams).map_err(|e| ApiError::internal(e.to_string()))?;
+        let ttl = Duration::from_secs(cfg.device_token_ttl_secs);
+        let tokens = crate::identity::DeviceTokens::load_or_create(&cfg.data_dir, ttl)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Arc::new(Self {
+            tokens: Arc::new(tokens),
+            guest_api: std::sync::OnceLock::new(),
+            guest_api_tasks: Mutex::new(HashMap::new()),
             egress: Mutex::new(HashMap::new()),
             upstream: Arc::new(upstream),
             images: ImageStore::new(&cfg.image_dir),
@@ -422,8 +441,24 @@ impl Manager {
         Ok(vm)
     }
 
-    /// Starts watching a VM that is now live and running.
+    /// Serves `router` to every sandbox from now on (on the gateway address in its namespace).
+    pub fn set_guest_api(&self, router: axum::Router) {
+        let _ = self.guest_api.set(router);
+    }
+
+    /// Starts watching a VM that is now live and running, with fresh credentials.
     async fn go_live(self: &Arc<Self>, id: &str, live: Arc<Live>, from: State) -> Result<(), ApiError> {
+        // A resume pushes them itself, alongside the clock; a failed push leaves 0 here.
+        if live.credentials_expire_ms.load(Ordering::SeqCst) == 0 {
+            match self.push_credentials(id, &live.guest, from != State::Resuming).await {
+                Ok(exp) => live.credentials_expire_ms.store(exp, Ordering::SeqCst),
+                Err(e) => {
+                    // The sandbox runs either way; the refresher retries at once.
+                    tracing::warn!(%id, error = %e.message, "pushing credentials failed");
+                    live.credentials_expire_ms.store(1, Ordering::SeqCst);
+                }
+            }
+        }
         self.live.lock().expect("live table poisoned").insert(id.to_owned(), live.clone());
         self.store.transition(id, &[from], State::Running, None).await?;
         tokio::spawn(self.clone().monitor(id.to_owned(), live));

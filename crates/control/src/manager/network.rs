@@ -38,6 +38,38 @@ impl Manager {
             .await
             .map_err(|e| ApiError::internal(format!("starting the egress policy of sandbox {}: {e}", rec.id)))?;
         self.egress.lock().expect("egress table poisoned").insert(rec.id.clone(), Arc::new(egress));
+        self.start_guest_api(&rec.id, net)?;
+        Ok(())
+    }
+
+    /// The API on the sandbox's gateway address, inside its namespace: the guest's only way to
+    /// the control plane, authenticated by its device token.
+    fn start_guest_api(&self, id: &str, net: &SandboxNet) -> Result<(), ApiError> {
+        let Some(router) = self.guest_api.get().cloned() else { return Ok(()) };
+        let router = router.layer(axum::Extension(crate::api::FromSandbox(id.to_owned())));
+        let addr: std::net::SocketAddr = (
+            torpor_proto::GUEST_GATEWAY.parse::<std::net::Ipv4Addr>().expect("constant"),
+            torpor_proto::GUEST_API_PORT,
+        )
+            .into();
+        let listener = torpor_net::with_netns(&net.netns, move || {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| ApiError::internal(format!("serving the API to sandbox {id}: {e}")))?;
+        // Stopped gracefully, so open keep-alive connections close too: their sockets would
+        // keep the namespace alive.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await;
+        });
+        if let Some(old) = self.guest_api_tasks.lock().expect("guest api table poisoned").insert(id.to_owned(), stop) {
+            old.cancel();
+        }
         Ok(())
     }
 
@@ -48,6 +80,9 @@ impl Manager {
     }
 
     pub(super) fn stop_egress(&self, id: &str) {
+        if let Some(stop) = self.guest_api_tasks.lock().expect("guest api table poisoned").remove(id) {
+            stop.cancel();
+        }
         if let Some(egress) = self.egress.lock().expect("egress table poisoned").remove(id) {
             egress.stop();
         }

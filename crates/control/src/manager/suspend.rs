@@ -178,17 +178,28 @@ impl Manager {
         };
         let ready = async {
             wait_healthy(&guest, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs)).await?;
-            // The guest's wall clock stood still while it was paused.
-            guest.sync_clock().await.map_err(|e| format!("setting the guest clock: {}", e.message()))
+            // The guest's wall clock stood still while it was paused, and its token may have
+            // expired meanwhile: both are fixed at once, side by side.
+            let (clock, credentials) = tokio::join!(guest.sync_clock(), self.push_credentials(id, &guest, false));
+            clock.map_err(|e| format!("setting the guest clock: {}", e.message()))?;
+            Ok::<_, String>(credentials)
         };
-        if let Err(why) = ready.await {
-            vm.terminate().await;
-            let e = ApiError::internal(format!("sandbox {id} did not come back after resume: {why}"));
-            self.fail_after_transient(id, State::Resuming, "resuming", &e).await;
-            return Err(e);
-        }
+        let credentials = match ready.await {
+            Ok(credentials) => credentials,
+            Err(why) => {
+                vm.terminate().await;
+                let e = ApiError::internal(format!("sandbox {id} did not come back after resume: {why}"));
+                self.fail_after_transient(id, State::Resuming, "resuming", &e).await;
+                return Err(e);
+            }
+        };
         self.store.count_resume(id).await?;
-        self.go_live(id, Live::new(vm, net, guest, rec), State::Resuming).await?;
+        let live = Live::new(vm, net, guest, rec);
+        match credentials {
+            Ok(exp) => live.credentials_expire_ms.store(exp, std::sync::atomic::Ordering::SeqCst),
+            Err(e) => tracing::warn!(%id, error = %e.message, "pushing credentials failed; retrying"),
+        }
+        self.go_live(id, live, State::Resuming).await?;
         // restored_ms: VMM start, state load and `cont`; the rest is the guest answering again.
         tracing::info!(%id, ms = started.elapsed().as_millis() as u64, restored_ms, "sandbox resumed");
         Ok(())
@@ -263,6 +274,7 @@ impl Manager {
             tick.tick().await;
             let candidates: Vec<(String, Arc<Live>)> =
                 self.live.lock().expect("live table poisoned").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            self.refresh_due_credentials(&candidates);
             // The live table holds only sandboxes this daemon runs, each with its own timeout:
             // the sweep needs no store reads.
             for (id, live) in candidates {
