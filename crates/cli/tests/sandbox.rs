@@ -246,3 +246,22 @@ async fn four_sandboxes_at_once_are_isolated() {
         assert_nothing_left(&d, id, false);
     }
 }
+
+#[tokio::test]
+async fn cli_exec_never_loses_the_exit_status() {
+    // The client is still sending (stdin, then its end) when the command has already exited,
+    // so the server finishes with unread input: it must close the WebSocket cleanly, or a reset
+    // could reach the client before the exit event and fail a command that succeeded.
+    let d = Daemon::start().await;
+    let sandbox = d.create(serde_json::json!({ "idle_timeout_secs": 0 })).await;
+    let id = sandbox["id"].as_str().unwrap();
+    let input = vec![b'x'; 256 * 1024];
+    let mut failures = Vec::new();
+    for run in 0..40 {
+        let out = d.cli(&["sandbox", "exec", id, "--", "true"], &input);
+        if out.status.code() != Some(0) {
+            failures.push(format!("run {run}: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr)));
+        }
+    }
+    assert!(failures.is_empty(), "{} of 40 execs lost their exit status:\n{}", failures.len(), failures.join("\n"));
+}

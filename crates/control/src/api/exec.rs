@@ -174,7 +174,7 @@ async fn run_ws(mut socket: WebSocket, live: Arc<Live>) {
     // Client messages are handled in their own task: waiting for the guest to take stdin must
     // never stop output from flowing the other way.
     let (problem_tx, mut problem_rx) = mpsc::channel::<String>(1);
-    let reader = tokio::spawn(async move {
+    let mut reader = tokio::spawn(async move {
         let mut tx = Some(tx);
         while let Some(Ok(msg)) = incoming.next().await {
             let data = match msg {
@@ -231,9 +231,17 @@ async fn run_ws(mut socket: WebSocket, live: Arc<Live>) {
             }
         }
     }
-    reader.abort();
+    // A clean close: the client answers our Close with its own, and the reader consumes what it
+    // sent meanwhile (stdin EOF, typically). Dropping the socket with that still unread would
+    // make the kernel reset the connection, and the client could lose the exit event to it.
     let _ = sink.send(Message::Close(None)).await;
+    if tokio::time::timeout(CLOSE_GRACE, &mut reader).await.is_err() {
+        reader.abort();
+    }
 }
+
+/// How long a finished exec's WebSocket waits for the client to acknowledge the close.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Sends a signal to a running exec's process group.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/execs/{exec_id}/signal",
