@@ -154,11 +154,6 @@ impl Cgroup {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
-    /// The directory whose path appears in /proc/PID/cgroup (the memory controller's on v1).
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
-    }
-
     /// Removes the cgroup; its processes must have exited. Idempotent.
     pub fn remove(&self) {
         for dir in &self.dirs {

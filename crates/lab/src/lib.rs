@@ -118,10 +118,6 @@ impl Internet {
         self.addr(54)
     }
 
-    pub fn namespace(&self) -> &str {
-        &self.ns
-    }
-
     fn hosts_file(&self) -> PathBuf {
         self.dir.path().join("hosts")
     }
@@ -185,7 +181,7 @@ impl Internet {
     }
 
     /// Runs `f` on a thread inside the lab's namespace (sockets it makes live there).
-    pub fn in_ns<T: Send + 'static>(&self, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
+    fn in_ns<T: Send + 'static>(&self, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
         let handle = std::fs::File::open(format!("/run/netns/{}", self.ns))?;
         let result = std::thread::spawn(move || {
             nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;

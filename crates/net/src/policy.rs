@@ -19,16 +19,6 @@ pub enum EgressMode {
     Open,
 }
 
-impl EgressMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EgressMode::DenyAll => "deny-all",
-            EgressMode::Allowlist => "allowlist",
-            EgressMode::Open => "open",
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
     #[error("invalid domain {0:?}: expected a name such as api.example.com or a wildcard such as *.example.com")]
