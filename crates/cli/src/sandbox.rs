@@ -32,6 +32,10 @@ pub enum SandboxCommand {
         /// Boot the base image from scratch instead of restoring the base template snapshot.
         #[arg(long)]
         cold_boot: bool,
+        /// A static secret from the daemon's config to hand the sandbox, by name (repeatable);
+        /// the template's if none is given.
+        #[arg(long = "secret", value_name = "NAME")]
+        secret: Vec<String>,
         /// Disk quota in MiB: the most host disk the sandbox's writes may take (default from the
         /// daemon's config: 4096); past it, writes fail in the guest with an I/O error.
         #[arg(long, value_name = "MIB")]
@@ -110,7 +114,18 @@ pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
     let client = Client::new(url, api_key)?;
     match cmd {
-        SandboxCommand::Create { template, vcpus, memory, env, idle_timeout, cold_boot, disk, network, json } => {
+        SandboxCommand::Create {
+            template,
+            vcpus,
+            memory,
+            env,
+            idle_timeout,
+            cold_boot,
+            secret,
+            disk,
+            network,
+            json,
+        } => {
             let req = CreateSandbox {
                 template: Some(template),
                 vcpus,
@@ -120,6 +135,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
                 cold_boot,
                 network: network.policy()?,
                 disk_mib: disk,
+                secrets: (!secret.is_empty()).then_some(secret),
             };
             let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;
             if json {

@@ -56,6 +56,9 @@ pub struct TemplateFile {
     /// Egress policy of the build VM (what `packages` and `[[run]]` may reach); `network` if
     /// omitted.
     pub build_network: Option<NetworkPolicy>,
+    /// Static secrets (names from the daemon's config) its sandboxes receive.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,6 +318,7 @@ async fn build_in(
         sandbox: id.to_owned(),
         processes: spec.processes.iter().map(|p| p.name.clone()).collect(),
         network: spec.network.clone(),
+        secrets: spec.secrets.clone(),
     };
     let t: Template = client.json(Method::POST, "/v1/templates", Some(&req)).await.context("capturing the template")?;
     bar.inc(1);

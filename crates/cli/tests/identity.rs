@@ -110,3 +110,65 @@ fn claims_unchecked(token: &str) -> Value {
     let payload = token.split('.').nth(1).unwrap();
     serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
 }
+
+fn secret_file(dir: &std::path::Path, value: &str, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("demo-secret");
+    std::fs::write(&path, value).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn static_secrets_reach_the_sandboxes_that_name_them_and_follow_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = secret_file(dir.path(), "s3cret-value\n", 0o600);
+    let config = format!("[secrets.DEMO_SECRET]\nfile = \"{}\"\n", path.display());
+    let d = Daemon::start_with(Options { extra_config: config, ..Default::default() }).await;
+
+    let with = d.create(json!({ "idle_timeout_secs": 0, "secrets": ["DEMO_SECRET"] })).await;
+    let without = d.create(json!({ "idle_timeout_secs": 0 })).await;
+    let (with, without) = (with["id"].as_str().unwrap().to_owned(), without["id"].as_str().unwrap().to_owned());
+    let shown = d.get(&with).await;
+    assert_eq!(shown["secrets"], json!(["DEMO_SECRET"]));
+    assert!(!shown.to_string().contains("s3cret"), "the API must never show a secret's value");
+
+    let out = sh(&d, &with, "printenv DEMO_SECRET; cat /run/torpor/credentials/DEMO_SECRET").await;
+    assert_eq!(out, "s3cret-value\ns3cret-value");
+    let (code, out, _) = d.exec(&without, &["printenv", "DEMO_SECRET"]).await;
+    assert!(code != Some(0) && out.is_empty(), "a sandbox that did not name the secret got it");
+
+    let (status, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({ "secrets": ["NOT_CONFIGURED"] }))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("unknown secret") && body.to_string().contains("DEMO_SECRET"), "{body}");
+
+    // Rotated on the host: the sandbox has the new value after its next resume.
+    secret_file(dir.path(), "rotated-value", 0o600);
+    let (status, _) = d.call(Method::POST, &format!("/v1/sandboxes/{with}/pause"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = d.call(Method::POST, &format!("/v1/sandboxes/{with}/resume"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sh(&d, &with, "printenv DEMO_SECRET").await, "rotated-value");
+    let log = d.server_log();
+    assert!(!log.contains("s3cret-value") && !log.contains("rotated-value"), "a secret value reached the log");
+}
+
+#[test]
+fn a_secret_file_others_can_read_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = secret_file(dir.path(), "value", 0o644);
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nlisten = \"127.0.0.1:17998\"\n[secrets.DEMO]\nfile = \"{}\"\n",
+            dir.path().display(),
+            path.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::TORPOR).args(["server", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success(), "the daemon started with a world-readable secret");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600") && err.contains("DEMO"), "{err}");
+}

@@ -69,6 +69,16 @@ pub struct Config {
     /// Lifetime of the device tokens sandboxes hold (at most 3600); they are re-issued on every
     /// resume and before they expire.
     pub device_token_ttl_secs: u64,
+    /// Static secrets sandboxes may be given by name (`[secrets.NAME] file = "…"`), for what has
+    /// no token exchange. Each file must be readable by root only (mode 0600 or stricter); it is
+    /// read at every delivery, so rotating it reaches sandboxes on their next resume.
+    pub secrets: std::collections::BTreeMap<String, SecretSource>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    pub file: PathBuf,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -106,11 +116,41 @@ impl Default for Config {
             max_disk_mib: 65536,
             allow_insecure_listen: false,
             device_token_ttl_secs: 3600,
+            secrets: Default::default(),
         }
     }
 }
 
+/// A secret's name must be an environment variable name, its file private to root.
+fn secret_source_ok(name: &str, source: &SecretSource) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if name.is_empty()
+        || name.starts_with(|c: char| c.is_ascii_digit())
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(format!("secret name {name:?} must be an environment variable name (letters, digits, _)"));
+    }
+    let meta = std::fs::metadata(&source.file).map_err(|e| format!("secret {name}: {}: {e}", source.file.display()))?;
+    if meta.mode() & 0o077 != 0 || meta.uid() != 0 {
+        return Err(format!(
+            "secret {name}: {} must belong to root with mode 0600 (it is {:o}, uid {}); run chmod 600 on it",
+            source.file.display(),
+            meta.mode() & 0o777,
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
+    /// The current value of secret `name` (trailing newline removed).
+    pub fn read_secret(&self, name: &str) -> Result<String, String> {
+        let source = self.secrets.get(name).ok_or_else(|| format!("no secret {name:?} is configured"))?;
+        secret_source_ok(name, source)?;
+        let text = std::fs::read_to_string(&source.file).map_err(|e| format!("reading secret {name}: {e}"))?;
+        Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+    }
+
     /// Defaults, overridden by `path` if given, else by `<data_dir>/config.toml` if it exists.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let implicit = default_data_dir().join("config.toml");
@@ -150,6 +190,9 @@ impl Config {
         }
         if self.vm_uid_base < 65536 || self.vm_uid_base.checked_add(self.pool()?.capacity() + 1).is_none() {
             return invalid("vm_uid_base", "must be at least 65536 and leave room for one uid per address slot");
+        }
+        for (name, source) in &self.secrets {
+            secret_source_ok(name, source).map_err(|message| ConfigError::Invalid { key: "secrets", message })?;
         }
         if !(1..=3600).contains(&self.device_token_ttl_secs) {
             return invalid("device_token_ttl_secs", "must be between 1 and 3600");

@@ -101,6 +101,8 @@ pub struct Sandbox {
     pub idle_timeout_secs: u64,
     pub network: NetworkInfo,
     pub limits: Limits,
+    /// Names of the static secrets it receives (never their values).
+    pub secrets: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -126,6 +128,9 @@ pub struct CreateSandbox {
     /// (default from the daemon's config: 4096). Past it, writes fail in the guest with an I/O
     /// error.
     pub disk_mib: Option<u32>,
+    /// Names of the host's static secrets (daemon config `[secrets]`) the sandbox receives as
+    /// environment variables and files in /run/torpor/credentials; the template's if omitted.
+    pub secrets: Option<Vec<String>>,
 }
 
 /// A create request with defaults filled in and every field checked.
@@ -141,6 +146,8 @@ pub struct ValidCreate {
     /// Checked and in canonical form.
     pub network: Option<NetworkPolicy>,
     pub disk_mib: u32,
+    /// Each one configured.
+    pub secrets: Option<Vec<String>>,
 }
 
 /// Longest idle timeout accepted: 30 days (0 means never, for longer).
@@ -180,7 +187,11 @@ impl CreateSandbox {
                 cfg.max_disk_mib
             )));
         }
+        if let Some(names) = &self.secrets {
+            validate_secret_names(names, cfg)?;
+        }
         Ok(ValidCreate {
+            secrets: self.secrets,
             disk_mib,
             network,
             template,
@@ -264,6 +275,20 @@ pub struct ResolvedAddress {
     pub expires_in_secs: u64,
 }
 
+/// Every name must be a secret the daemon is configured with (its value never appears here).
+pub fn validate_secret_names(names: &[String], cfg: &Config) -> Result<(), ApiError> {
+    for name in names {
+        if !cfg.secrets.contains_key(name) {
+            let known: Vec<&str> = cfg.secrets.keys().map(String::as_str).collect();
+            return Err(ApiError::invalid(format!(
+                "unknown secret {name:?}; the daemon is configured with: {}",
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The template every sandbox gets unless it names another: the base image, snapshotted with
 /// its supervisor running.
 pub const BASE_TEMPLATE: &str = "base";
@@ -290,6 +315,8 @@ pub struct Template {
     pub processes: Vec<String>,
     /// Egress policy of sandboxes created from it unless they give their own.
     pub network: NetworkPolicy,
+    /// Static secrets its sandboxes receive unless they name their own.
+    pub secrets: Vec<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -304,6 +331,9 @@ pub struct CreateTemplate {
     pub processes: Vec<String>,
     /// Default egress policy of its sandboxes; deny-all if omitted.
     pub network: Option<NetworkPolicy>,
+    /// Static secrets its sandboxes receive by default.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 pub fn validate_env_name(key: &str) -> Result<(), ApiError> {

@@ -50,6 +50,8 @@ pub struct Record {
     pub template_dir: Option<String>,
     pub network: NetworkPolicy,
     pub disk_mib: u32,
+    /// Names of the static secrets it receives.
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +64,7 @@ pub struct TemplateRecord {
     /// Names of the processes the template keeps running.
     pub processes: Vec<String>,
     pub network: NetworkPolicy,
+    pub secrets: Vec<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -130,8 +133,8 @@ impl Store {
             return Err(StoreError::PoolExhausted(capacity));
         }
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network, disk_mib)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network, disk_mib, secrets)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(rec.state.as_str())
@@ -150,6 +153,7 @@ impl Store {
         .bind(&rec.template_dir)
         .bind(serde_json::to_string(&rec.network).expect("policy serialises"))
         .bind(rec.disk_mib as i64)
+        .bind(serde_json::to_string(&rec.secrets).expect("names serialise"))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -257,7 +261,7 @@ impl Store {
 
     pub async fn insert_template(&self, t: &TemplateRecord) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
-        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, secrets, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(&t.name)
             .bind(&t.dir)
             .bind(&t.image_dir)
@@ -265,6 +269,7 @@ impl Store {
             .bind(t.memory_mib as i64)
             .bind(serde_json::to_string(&t.processes).expect("names serialise"))
             .bind(serde_json::to_string(&t.network).expect("policy serialises"))
+            .bind(serde_json::to_string(&t.secrets).expect("names serialise"))
             .bind(t.created_at.to_rfc3339())
             .execute(&self.pool)
             .await?;
@@ -353,6 +358,8 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
         network: serde_json::from_str(&row.try_get::<String, _>("network")?)
             .map_err(|e| corrupt(format!("network: {e}")))?,
         disk_mib: row.try_get::<i64, _>("disk_mib")? as u32,
+        secrets: serde_json::from_str(&row.try_get::<String, _>("secrets")?)
+            .map_err(|e| corrupt(format!("secrets: {e}")))?,
         id,
     })
 }
@@ -370,6 +377,8 @@ fn decode_template(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, Stor
         processes: serde_json::from_str(&processes).map_err(|e| corrupt(e.to_string()))?,
         network: serde_json::from_str(&row.try_get::<String, _>("network")?)
             .map_err(|e| corrupt(format!("network: {e}")))?,
+        secrets: serde_json::from_str(&row.try_get::<String, _>("secrets")?)
+            .map_err(|e| corrupt(format!("secrets: {e}")))?,
         created_at: DateTime::parse_from_rfc3339(&created)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| corrupt(e.to_string()))?,
@@ -407,6 +416,7 @@ mod tests {
             template_dir: None,
             network: Default::default(),
             disk_mib: 4096,
+            secrets: Vec::new(),
         }
     }
 

@@ -27,7 +27,7 @@ pub async fn create(
     let req = json_body(body)?;
     let manager = state.manager.clone();
     let t = tokio::spawn(async move {
-        manager.capture(&req.name, &req.sandbox, req.processes, req.network.unwrap_or_default()).await
+        manager.capture(&req.name, &req.sandbox, req.processes, req.network.unwrap_or_default(), req.secrets).await
     })
     .await
     .unwrap_or_else(|e| Err(ApiError::internal(format!("capture task failed: {e}"))))?;

@@ -27,18 +27,27 @@ impl Manager {
     /// every round trip here is on the resume path.
     pub(super) async fn push_credentials(&self, id: &str, guest: &GuestClient, first: bool) -> Result<u64, ApiError> {
         let (token, exp) = self.tokens.issue(id, OWNER).map_err(|e| ApiError::internal(e.to_string()))?;
-        let creds = HashMap::from([
+        let secrets = self.store.get(id).await?.map(|r| r.secrets).unwrap_or_default();
+        let mut creds = HashMap::from([
             ("TORPOR_TOKEN".to_owned(), token),
             ("TORPOR_URL".to_owned(), format!("http://{GUEST_GATEWAY}:{GUEST_API_PORT}")),
             ("TORPOR_SANDBOX_ID".to_owned(), id.to_owned()),
         ]);
+        // Read afresh every time: a rotated file reaches the sandbox on its next resume.
+        for name in secrets {
+            let value = self.cfg.read_secret(&name).map_err(|e| ApiError::internal(format!("sandbox {id}: {e}")))?;
+            creds.insert(name, value);
+        }
         // All at once: this is on the resume path, and each is a round trip to the guest.
-        let writes =
-            creds.iter().filter(|(name, _)| first || name.as_str() == "TORPOR_TOKEN").map(|(name, value)| async move {
+        // Those that never change are written once; the token and the secrets every time.
+        let static_names = ["TORPOR_URL", "TORPOR_SANDBOX_ID"];
+        let writes = creds.iter().filter(|(name, _)| first || !static_names.contains(&name.as_str())).map(
+            |(name, value)| async move {
                 write_guest_file(guest, &format!("{CREDENTIALS_DIR}/{name}"), value.as_bytes(), 0o600)
                     .await
                     .map_err(|e| ApiError::internal(format!("writing {name} into sandbox {id}: {e}")))
-            });
+            },
+        );
         let env = guest.set_env(creds.clone());
         let (written, env) = futures::join!(futures::future::join_all(writes), env);
         written.into_iter().collect::<Result<Vec<()>, _>>()?;

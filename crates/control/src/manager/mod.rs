@@ -261,6 +261,7 @@ impl Manager {
                 host_address: reachable.then(|| self.net_for(rec).supervisor_addr().to_string()),
             },
             limits: self.api_limits(rec),
+            secrets: rec.secrets.clone(),
             created_at: rec.created_at,
             updated_at: rec.updated_at,
         }
@@ -327,6 +328,9 @@ impl Manager {
         if req.network.is_none() {
             rec.network = template.network.clone();
         }
+        if req.secrets.is_none() {
+            rec.secrets = template.secrets.clone();
+        }
         self.finish_create(rec, |rec| async move { self.clone_template(&engine, &rec, &template).await }).await
     }
 
@@ -370,6 +374,7 @@ impl Manager {
             template_dir: None,
             network: req.network.clone().unwrap_or_default(),
             disk_mib: req.disk_mib,
+            secrets: req.secrets.clone().unwrap_or_default(),
         }
     }
 

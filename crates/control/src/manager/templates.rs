@@ -35,6 +35,7 @@ impl Manager {
             memory_mib: t.memory_mib,
             processes: t.processes.clone(),
             network: t.network.clone(),
+            secrets: t.secrets.clone(),
             created_at: t.created_at,
         }
     }
@@ -66,9 +67,10 @@ impl Manager {
             cold_boot: true,
             network: None,
             disk_mib: self.cfg.default_disk_mib,
+            secrets: None,
         };
         let sandbox = self.create_cold(engine, req).await?;
-        self.capture(BASE_TEMPLATE, &sandbox.id, vec!["torpor-guest".into()], Default::default()).await
+        self.capture(BASE_TEMPLATE, &sandbox.id, vec!["torpor-guest".into()], Default::default(), Vec::new()).await
     }
 
     /// Turns a running, cold-booted sandbox into template `name`: pauses it and moves its
@@ -79,8 +81,10 @@ impl Manager {
         id: &str,
         processes: Vec<String>,
         network: NetworkPolicy,
+        secrets: Vec<String>,
     ) -> Result<TemplateRecord, ApiError> {
         validate_template_name(name)?;
+        crate::model::validate_secret_names(&secrets, &self.cfg)?;
         let network = network.canonical()?;
         let rec = self.record(id).await?;
         if rec.template_dir.is_some() {
@@ -117,6 +121,7 @@ impl Manager {
             memory_mib: rec.memory_mib,
             processes,
             network,
+            secrets,
             created_at: Utc::now(),
         };
         let _templates = self.templates_lock.write().await;
