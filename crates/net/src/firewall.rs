@@ -23,9 +23,10 @@ const TABLE: &str = "inet torpor_filter";
 pub(crate) const RESOLVED_SET_SIZE: usize = 16384;
 
 /// The namespace's whole firewall, with an empty egress chain (nothing leaves) until a policy is
-/// applied. The host reaches the guest on the supervisor port only; the guest reaches the
-/// namespace on the resolver port only.
-pub(crate) fn base_ruleset(net: &SandboxNet, blocked: &Blocklist) -> String {
+/// applied; applying one fills the blocked set in the same transaction. The host reaches the
+/// guest on the supervisor port only; the guest reaches the namespace on the resolver and API
+/// ports only.
+pub(crate) fn base_ruleset(net: &SandboxNet) -> String {
     format!(
         r#"flush ruleset
 table ip torpor_nat {{
@@ -40,7 +41,7 @@ table ip torpor_nat {{
   }}
 }}
 table {TABLE} {{
-  set blocked {{ type ipv4_addr; flags interval; auto-merge; {blocked_elements} }}
+  set blocked {{ type ipv4_addr; flags interval; auto-merge; }}
   set resolved {{ type ipv4_addr; flags timeout; size {RESOLVED_SET_SIZE}; }}
   chain deny {{
     meta l4proto tcp reject with tcp reset
@@ -71,16 +72,7 @@ table {TABLE} {{
 }}
 "#,
         access = net.guest_access_ip,
-        blocked_elements = set_elements(blocked),
     )
-}
-
-fn set_elements(blocked: &Blocklist) -> String {
-    if blocked.nets.is_empty() {
-        return String::new();
-    }
-    let list: Vec<String> = blocked.nets.iter().map(|n| n.to_string()).collect();
-    format!("elements = {{ {} }}", list.join(", "))
 }
 
 /// Rules of the egress chain, in the order `EgressPolicy::verdict` mirrors.

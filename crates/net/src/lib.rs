@@ -4,8 +4,9 @@
 //! to the fixed guest address. Everything else is dropped: a sandbox has no outbound network until
 //! an egress policy grants it, and cannot reach the host or another sandbox.
 //!
-//! Because every rule lives in the sandbox's own namespace, deleting the namespace removes all of
-//! it at once: nothing is left in the host's tables.
+//! Every rule of a sandbox lives in its own namespace (`firewall`, `egress`), so deleting the
+//! namespace removes all of it at once. The host's own tables get only one table per address
+//! pool (`host`): forwarding out, and nothing from a sandbox to the host or another sandbox.
 
 mod addr;
 mod cmd;
@@ -79,15 +80,15 @@ impl SandboxNet {
     /// failure everything created is removed again.
     /// `tap_owner`: the uid (and gid) the VM process runs as, which may then attach to the tap
     /// without any capability.
-    pub async fn setup(&self, blocked: &Blocklist, tap_owner: Option<u32>) -> Result<(), NetError> {
-        let result = self.try_setup(blocked, tap_owner).await;
+    pub async fn setup(&self, tap_owner: Option<u32>) -> Result<(), NetError> {
+        let result = self.try_setup(tap_owner).await;
         if result.is_err() {
             let _ = self.teardown().await;
         }
         result
     }
 
-    async fn try_setup(&self, blocked: &Blocklist, tap_owner: Option<u32>) -> Result<(), NetError> {
+    async fn try_setup(&self, tap_owner: Option<u32>) -> Result<(), NetError> {
         if let Some(owner) = address_owner(self.host_ip) {
             return Err(NetError::AddressInUse { addr: self.host_ip, interface: owner });
         }
@@ -112,7 +113,7 @@ impl SandboxNet {
         self.set_guest_mac(GUEST_MAC).await?;
         ip_in_ns(ns, &["route", "add", "default", "via", &self.host_ip.to_string()]).await?;
         in_ns(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1"], None).await?;
-        in_ns(ns, "nft", &["-f", "-"], Some(firewall::base_ruleset(self, blocked))).await?;
+        in_ns(ns, "nft", &["-f", "-"], Some(firewall::base_ruleset(self))).await?;
         Ok(())
     }
 
@@ -154,12 +155,24 @@ impl SandboxNet {
 
 /// The host interface that already carries `addr`, if any.
 fn address_owner(addr: Ipv4Addr) -> Option<String> {
-    let out = std::process::Command::new("ip").args(["-o", "-4", "addr", "show"]).output().ok()?;
-    let needle = format!(" {addr}/");
+    host_ipv4_addresses().into_iter().find(|(_, a)| *a == addr).map(|(interface, _)| interface)
+}
+
+/// Every IPv4 address of the daemon's namespace, with its interface.
+pub(crate) fn host_ipv4_addresses() -> Vec<(String, Ipv4Addr)> {
+    let Ok(out) = std::process::Command::new("ip").args(["-o", "-4", "addr", "show"]).output() else {
+        return Vec::new();
+    };
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find(|l| l.contains(&needle))
-        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .filter_map(|l| {
+            // "2: eth0    inet 192.0.2.2/24 brd …"
+            let mut words = l.split_whitespace();
+            let interface = words.nth(1)?.to_owned();
+            words.find(|w| *w == "inet")?;
+            Some((interface, words.next()?.split('/').next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 pub fn netns_exists(name: &str) -> bool {

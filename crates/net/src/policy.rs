@@ -297,26 +297,12 @@ impl Blocklist {
 
     /// Reads the host's current IPv4 addresses (all interfaces of the daemon's namespace).
     pub fn current(pool: Ipv4Net) -> Self {
-        Self::new(pool, host_addresses())
+        Self::new(pool, crate::host_ipv4_addresses().into_iter().map(|(_, ip)| ip))
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         self.nets.iter().any(|n| n.contains(ip))
     }
-}
-
-fn host_addresses() -> Vec<Ipv4Addr> {
-    let Ok(out) = std::process::Command::new("ip").args(["-o", "-4", "addr", "show"]).output() else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut words = l.split_whitespace();
-            words.find(|w| *w == "inet")?;
-            words.next()?.split('/').next()?.parse().ok()
-        })
-        .collect()
 }
 
 #[cfg(test)]

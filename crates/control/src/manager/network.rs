@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use torpor_net::{Blocklist, SandboxEgress, SandboxNet};
+use torpor_net::{SandboxEgress, SandboxNet};
 
 use super::Manager;
 use crate::error::ApiError;
@@ -17,7 +17,7 @@ impl Manager {
     /// nothing is left behind.
     pub(super) async fn setup_net(&self, rec: &Record) -> Result<SandboxNet, ApiError> {
         let net = self.net_for(rec);
-        net.setup(&Blocklist::current(self.pool.net()), Some(self.vm_uid(rec)))
+        net.setup(Some(self.vm_uid(rec)))
             .await
             .map_err(|e| ApiError::internal(format!("setting up the sandbox network: {e}")))?;
         if let Err(e) = self.start_egress(rec, &net).await {
