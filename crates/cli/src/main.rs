@@ -6,6 +6,7 @@ mod bench_network;
 mod client;
 mod cp;
 mod exec;
+mod grants;
 mod image;
 mod network;
 mod sandbox;

@@ -42,6 +42,8 @@ pub enum SandboxCommand {
         disk: Option<u32>,
         #[command(flatten)]
         network: PolicyArgs,
+        #[command(flatten)]
+        grants: crate::grants::GrantArgs,
         /// Print the whole sandbox as JSON instead of its id.
         #[arg(long)]
         json: bool,
@@ -124,9 +126,12 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
             secret,
             disk,
             network,
+            grants,
             json,
         } => {
             let req = CreateSandbox {
+                github: grants.github()?,
+                models: grants.models(),
                 template: Some(template),
                 vcpus,
                 memory_mib: memory,
@@ -204,6 +209,11 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
                 println!("paused storage: {} bytes now, {:.0} byte·s in total", u.paused_bytes, u.paused_byte_seconds);
                 println!("on disk:        {} bytes", u.storage_bytes);
                 println!("resumes:        {}", u.resumes);
+                let budget = u.model_token_budget.map(|b| format!(" of a {b} budget")).unwrap_or_default();
+                println!(
+                    "model proxy:    {} requests, {} input + {} output tokens{budget}",
+                    u.model_requests, u.model_input_tokens, u.model_output_tokens
+                );
             }
         }
         SandboxCommand::Network(cmd) => crate::network::run(cmd, &client).await?,

@@ -59,6 +59,10 @@ pub struct TemplateFile {
     /// Static secrets (names from the daemon's config) its sandboxes receive.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// The GitHub token scope its sandboxes receive (`repositories`, `permissions`).
+    pub github: Option<torpor_control::model::GitHubGrant>,
+    /// Model proxy access of its sandboxes (`providers`, `token_budget`).
+    pub models: Option<torpor_control::model::ModelGrant>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,6 +323,8 @@ async fn build_in(
         processes: spec.processes.iter().map(|p| p.name.clone()).collect(),
         network: spec.network.clone(),
         secrets: spec.secrets.clone(),
+        github: spec.github.clone(),
+        models: spec.models.clone(),
     };
     let t: Template = client.json(Method::POST, "/v1/templates", Some(&req)).await.context("capturing the template")?;
     bar.inc(1);

@@ -73,6 +73,73 @@ pub struct Config {
     /// no token exchange. Each file must be readable by root only (mode 0600 or stricter); it is
     /// read at every delivery, so rotating it reaches sandboxes on their next resume.
     pub secrets: std::collections::BTreeMap<String, SecretSource>,
+    /// A GitHub App whose installation tokens sandboxes may receive (`[github]`).
+    pub github: Option<GitHubApp>,
+    /// Model APIs the proxy forwards to, by flavour: `[models.anthropic]`, `[models.openai]`.
+    pub models: std::collections::BTreeMap<ModelFlavour, ModelUpstream>,
+    /// Tokens (input + output) a sandbox may spend through the model proxy when neither its
+    /// create request nor its template says; 0 = no limit.
+    pub default_model_token_budget: u64,
+}
+
+/// A GitHub App installed on the account whose repositories sandboxes work on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubApp {
+    /// The app's id (or client id): the issuer of the JWTs the daemon signs.
+    pub app_id: String,
+    pub installation_id: u64,
+    /// The app's private key (PEM), root-only like every secret.
+    pub private_key_file: PathBuf,
+    /// REST API root; `https://HOST/api/v3` for GitHub Enterprise Server.
+    #[serde(default = "default_github_api")]
+    pub api_url: String,
+    /// The host git clones from, for which the guest's credential helper answers; derived from
+    /// `api_url` if omitted (`api.github.com` → `github.com`).
+    pub git_host: Option<String>,
+}
+
+fn default_github_api() -> String {
+    "https://api.github.com".into()
+}
+
+impl GitHubApp {
+    pub fn git_host(&self) -> String {
+        if let Some(host) = &self.git_host {
+            return host.clone();
+        }
+        let host = reqwest::Url::parse(&self.api_url).ok().and_then(|u| u.host_str().map(str::to_owned));
+        let host = host.unwrap_or_default();
+        host.strip_prefix("api.").map(str::to_owned).unwrap_or(host)
+    }
+}
+
+/// The wire format a model upstream speaks, which is also the name of its endpoint in the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFlavour {
+    /// The Anthropic Messages API.
+    Anthropic,
+    /// The OpenAI API (chat completions, responses, …).
+    Openai,
+}
+
+impl ModelFlavour {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anthropic => "anthropic",
+            Self::Openai => "openai",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelUpstream {
+    /// Root of the upstream API, without `/v1` (`https://api.anthropic.com`).
+    pub base_url: String,
+    /// The real API key, root-only; it never leaves the host.
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,24 +184,32 @@ impl Default for Config {
             allow_insecure_listen: false,
             device_token_ttl_secs: 3600,
             secrets: Default::default(),
+            github: None,
+            models: Default::default(),
+            default_model_token_budget: 0,
         }
     }
 }
 
 /// A secret's name must be an environment variable name, its file private to root.
 fn secret_source_ok(name: &str, source: &SecretSource) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
     if name.is_empty()
         || name.starts_with(|c: char| c.is_ascii_digit())
         || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     {
         return Err(format!("secret name {name:?} must be an environment variable name (letters, digits, _)"));
     }
-    let meta = std::fs::metadata(&source.file).map_err(|e| format!("secret {name}: {}: {e}", source.file.display()))?;
+    private_file_ok(&format!("secret {name}"), &source.file)
+}
+
+/// Files holding secrets must belong to root and be readable by nobody else.
+fn private_file_ok(what: &str, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
     if meta.mode() & 0o077 != 0 || meta.uid() != 0 {
         return Err(format!(
-            "secret {name}: {} must belong to root with mode 0600 (it is {:o}, uid {}); run chmod 600 on it",
-            source.file.display(),
+            "{what}: {} must belong to root with mode 0600 (it is {:o}, uid {}); run chmod 600 on it",
+            path.display(),
             meta.mode() & 0o777,
             meta.uid()
         ));
@@ -142,13 +217,19 @@ fn secret_source_ok(name: &str, source: &SecretSource) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads a root-only file holding a secret, without its trailing newline.
+pub fn read_private(what: &str, path: &Path) -> Result<String, String> {
+    private_file_ok(what, path)?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {what}: {e}"))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
 impl Config {
     /// The current value of secret `name` (trailing newline removed).
     pub fn read_secret(&self, name: &str) -> Result<String, String> {
         let source = self.secrets.get(name).ok_or_else(|| format!("no secret {name:?} is configured"))?;
         secret_source_ok(name, source)?;
-        let text = std::fs::read_to_string(&source.file).map_err(|e| format!("reading secret {name}: {e}"))?;
-        Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+        read_private(&format!("secret {name}"), &source.file)
     }
 
     /// Defaults, overridden by `path` if given, else by `<data_dir>/config.toml` if it exists.
@@ -193,6 +274,27 @@ impl Config {
         }
         for (name, source) in &self.secrets {
             secret_source_ok(name, source).map_err(|message| ConfigError::Invalid { key: "secrets", message })?;
+        }
+        if let Some(app) = &self.github {
+            let invalid = |message: String| ConfigError::Invalid { key: "github", message };
+            private_file_ok("github.private_key_file", &app.private_key_file).map_err(invalid)?;
+            let url = reqwest::Url::parse(&app.api_url).map_err(|e| invalid(format!("api_url: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(invalid(format!("api_url {:?} must be an http(s) URL", app.api_url)));
+            }
+            if app.app_id.is_empty() {
+                return Err(invalid("app_id must not be empty".into()));
+            }
+        }
+        for (flavour, upstream) in &self.models {
+            let invalid = |message: String| ConfigError::Invalid { key: "models", message };
+            let what = format!("models.{}.key_file", flavour.as_str());
+            private_file_ok(&what, &upstream.key_file).map_err(invalid)?;
+            let url = reqwest::Url::parse(&upstream.base_url)
+                .map_err(|e| invalid(format!("models.{}.base_url: {e}", flavour.as_str())))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(invalid(format!("models.{}.base_url must be an http(s) URL", flavour.as_str())));
+            }
         }
         if !(1..=3600).contains(&self.device_token_ttl_secs) {
             return invalid("device_token_ttl_secs", "must be between 1 and 3600");

@@ -71,7 +71,8 @@ pub async fn run(
     let app =
         router(AppState { manager: manager.clone(), api_key: Arc::new(api_key), auth_failures: Default::default() });
     // Before reconcile: the sandboxes it adopts are served the API in their namespaces too.
-    manager.set_guest_api(app.clone());
+    // The model proxy is served only there: it answers with the host's keys.
+    manager.set_guest_api(app.clone().merge(crate::proxy::router(manager.clone())));
     let report = manager.reconcile().await.map_err(|e| ServerError::Setup(e.message))?;
     tracing::info!(
         adopted = report.adopted.len(),

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::model::{NetworkPolicy, State};
+use crate::model::{GitHubGrant, ModelGrant, NetworkPolicy, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,6 +52,8 @@ pub struct Record {
     pub disk_mib: u32,
     /// Names of the static secrets it receives.
     pub secrets: Vec<String>,
+    pub github: Option<GitHubGrant>,
+    pub models: Option<ModelGrant>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +67,8 @@ pub struct TemplateRecord {
     pub processes: Vec<String>,
     pub network: NetworkPolicy,
     pub secrets: Vec<String>,
+    pub github: Option<GitHubGrant>,
+    pub models: Option<ModelGrant>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -77,6 +81,21 @@ pub struct Meter {
     pub paused_since: Option<DateTime<Utc>>,
     pub paused_bytes: u64,
     pub paused_byte_ms: f64,
+    pub model: ModelMeter,
+}
+
+/// What the model proxy counted for a sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModelMeter {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl ModelMeter {
+    pub fn tokens(&self) -> u64 {
+        self.input_tokens + self.output_tokens
+    }
 }
 
 impl Meter {
@@ -133,8 +152,8 @@ impl Store {
             return Err(StoreError::PoolExhausted(capacity));
         }
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network, disk_mib, secrets)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network, disk_mib, secrets, github, models)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(rec.state.as_str())
@@ -154,6 +173,8 @@ impl Store {
         .bind(serde_json::to_string(&rec.network).expect("policy serialises"))
         .bind(rec.disk_mib as i64)
         .bind(serde_json::to_string(&rec.secrets).expect("names serialise"))
+        .bind(rec.github.as_ref().map(|g| serde_json::to_string(g).expect("grant serialises")))
+        .bind(rec.models.as_ref().map(|m| serde_json::to_string(m).expect("grant serialises")))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -261,7 +282,7 @@ impl Store {
 
     pub async fn insert_template(&self, t: &TemplateRecord) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
-        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, secrets, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, secrets, github, models, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(&t.name)
             .bind(&t.dir)
             .bind(&t.image_dir)
@@ -270,6 +291,8 @@ impl Store {
             .bind(serde_json::to_string(&t.processes).expect("names serialise"))
             .bind(serde_json::to_string(&t.network).expect("policy serialises"))
             .bind(serde_json::to_string(&t.secrets).expect("names serialise"))
+            .bind(t.github.as_ref().map(|g| serde_json::to_string(g).expect("grant serialises")))
+            .bind(t.models.as_ref().map(|m| serde_json::to_string(m).expect("grant serialises")))
             .bind(t.created_at.to_rfc3339())
             .execute(&self.pool)
             .await?;
@@ -316,6 +339,21 @@ impl Store {
         Ok(())
     }
 
+    /// Adds one proxied model request and the tokens its answer reported.
+    pub async fn add_model_usage(&self, id: &str, input_tokens: u64, output_tokens: u64) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
+        sqlx::query(
+            "UPDATE sandboxes SET model_requests = model_requests + 1, model_input_tokens = model_input_tokens + ?, \
+             model_output_tokens = model_output_tokens + ? WHERE id = ?",
+        )
+        .bind(input_tokens.min(i64::MAX as u64) as i64)
+        .bind(output_tokens.min(i64::MAX as u64) as i64)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
         sqlx::query("DELETE FROM sandboxes WHERE id = ?").bind(id).execute(&self.pool).await?;
@@ -348,11 +386,16 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
         idle_timeout_secs: row.try_get::<i64, _>("idle_timeout_secs")? as u64,
         meter: Meter {
             resumes: row.try_get::<i64, _>("resumes")? as u64,
-            running_since: optional_time(row, "running_since").map_err(|e| corrupt(e))?,
+            running_since: optional_time(row, "running_since").map_err(&corrupt)?,
             running_ms: row.try_get::<i64, _>("running_ms")? as u64,
-            paused_since: optional_time(row, "paused_since").map_err(|e| corrupt(e))?,
+            paused_since: optional_time(row, "paused_since").map_err(&corrupt)?,
             paused_bytes: row.try_get::<i64, _>("paused_bytes")? as u64,
             paused_byte_ms: row.try_get::<f64, _>("paused_byte_ms")?,
+            model: ModelMeter {
+                requests: row.try_get::<i64, _>("model_requests")? as u64,
+                input_tokens: row.try_get::<i64, _>("model_input_tokens")? as u64,
+                output_tokens: row.try_get::<i64, _>("model_output_tokens")? as u64,
+            },
         },
         template_dir: row.try_get("template_dir")?,
         network: serde_json::from_str(&row.try_get::<String, _>("network")?)
@@ -360,6 +403,8 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
         disk_mib: row.try_get::<i64, _>("disk_mib")? as u32,
         secrets: serde_json::from_str(&row.try_get::<String, _>("secrets")?)
             .map_err(|e| corrupt(format!("secrets: {e}")))?,
+        github: json_column(row, "github").map_err(corrupt)?,
+        models: json_column(row, "models").map_err(corrupt)?,
         id,
     })
 }
@@ -379,11 +424,18 @@ fn decode_template(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, Stor
             .map_err(|e| corrupt(format!("network: {e}")))?,
         secrets: serde_json::from_str(&row.try_get::<String, _>("secrets")?)
             .map_err(|e| corrupt(format!("secrets: {e}")))?,
+        github: json_column(row, "github").map_err(corrupt)?,
+        models: json_column(row, "models").map_err(corrupt)?,
         created_at: DateTime::parse_from_rfc3339(&created)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| corrupt(e.to_string()))?,
         name,
     })
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<T>, String> {
+    let text: Option<String> = row.try_get(col).map_err(|e| e.to_string())?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| format!("{col}: {e}"))).transpose()
 }
 
 fn optional_time(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>, String> {
@@ -417,6 +469,8 @@ mod tests {
             network: Default::default(),
             disk_mib: 4096,
             secrets: Vec::new(),
+            github: None,
+            models: None,
         }
     }
 

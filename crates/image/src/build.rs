@@ -88,7 +88,14 @@ pub fn build(
     ]);
     let rootfs_key = hash(&[&FORMAT.to_string(), &opts.suite, &opts.mirror, &opts.packages.join(",")]);
     let guest_sha256 = sha256_file(&opts.guest_binary)?;
-    let image_key = hash(&[&kernel_key, &rootfs_key, &guest_sha256, &opts.disk_size_mib.to_string()]);
+    let image_key = hash(&[
+        &kernel_key,
+        &rootfs_key,
+        &guest_sha256,
+        &opts.disk_size_mib.to_string(),
+        GIT_CREDENTIAL_HELPER,
+        GIT_CONFIG,
+    ]);
     let name = format!("{template}-{}", &image_key[..16]);
     let dir = store.root().join(&name);
     if let Ok(image) = store.open(&dir) {
@@ -128,6 +135,31 @@ pub fn build(
     write_atomic(&store.pointer(template), format!("{name}\n").as_bytes())?;
     Ok((store.open(&dir)?, true))
 }
+
+/// Git asks this for credentials; it answers for the sandbox's GitHub host only, and always
+/// with the token file's current content, which the daemon renews before it expires: a git
+/// process that runs for hours never sees a stale token.
+const GIT_CREDENTIAL_HELPER: &str = r#"#!/bin/sh
+# Installed by Torpor. Answers git's credential requests for the GitHub host this sandbox
+# holds an installation token for, with the token as it is now.
+[ "$1" = get ] || exit 0
+dir=/run/torpor/credentials
+[ -r "$dir/GITHUB_TOKEN" ] && [ -r "$dir/GITHUB_HOST" ] || exit 0
+protocol= host=
+while IFS='=' read -r key value; do
+  [ -n "$key" ] || break
+  case "$key" in
+    protocol) protocol=$value ;;
+    host) host=$value ;;
+  esac
+done
+[ "$protocol" = https ] && [ "$host" = "$(cat "$dir/GITHUB_HOST")" ] || exit 0
+echo username=x-access-token
+echo "password=$(cat "$dir/GITHUB_TOKEN")"
+"#;
+
+const GIT_CONFIG: &str =
+    "# Installed by Torpor: GitHub tokens come from the sandbox's credentials.\n[credential]\n\thelper = torpor\n";
 
 fn check_tools() -> Result<(), ImageError> {
     for (tool, package) in [
@@ -310,6 +342,12 @@ fn assemble(
     std::fs::copy(&opts.guest_binary, &guest).map_err(io("installing torpor-guest"))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&guest, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod torpor-guest"))?;
+    let helper = tree.join("usr/local/bin/git-credential-torpor");
+    std::fs::create_dir_all(tree.join("usr/local/bin")).map_err(io("creating /usr/local/bin"))?;
+    std::fs::write(&helper, GIT_CREDENTIAL_HELPER).map_err(io("installing git-credential-torpor"))?;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755))
+        .map_err(io("chmod git-credential-torpor"))?;
+    std::fs::write(tree.join("etc/gitconfig"), GIT_CONFIG).map_err(io("writing /etc/gitconfig"))?;
     std::fs::write(tree.join("etc/fstab"), "/dev/vda / ext4 rw,relatime 0 1\n").map_err(io("writing fstab"))?;
     // The supervisor points it at the sandbox's resolver at boot.
     std::fs::write(tree.join("etc/resolv.conf"), "").map_err(io("writing resolv.conf"))?;

@@ -8,7 +8,7 @@ use axum::Json;
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
 use crate::manager::Manager;
-use crate::model::{CreateTemplate, Template};
+use crate::model::{CreateTemplate, Template, TemplateDefaults};
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct TemplateList {
@@ -26,11 +26,17 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
     let req = json_body(body)?;
     let manager = state.manager.clone();
-    let t = tokio::spawn(async move {
-        manager.capture(&req.name, &req.sandbox, req.processes, req.network.unwrap_or_default(), req.secrets).await
-    })
-    .await
-    .unwrap_or_else(|e| Err(ApiError::internal(format!("capture task failed: {e}"))))?;
+    let cfg = &manager.cfg;
+    let defaults = TemplateDefaults {
+        processes: req.processes,
+        network: req.network.unwrap_or_default(),
+        secrets: req.secrets,
+        github: req.github.map(|g| g.validate(cfg)).transpose()?,
+        models: req.models.map(|m| m.validate(cfg)).transpose()?,
+    };
+    let t = tokio::spawn(async move { manager.capture(&req.name, &req.sandbox, defaults).await })
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("capture task failed: {e}"))))?;
     Ok((StatusCode::CREATED, Json(Manager::to_api_template(&t))))
 }
 

@@ -1,47 +1,81 @@
-//! Credentials a sandbox holds: for now its device token (see `identity`), with the address
-//! of the Torpor API as the guest reaches it. They are pushed to the supervisor at create, on
-//! every resume and before they expire while the sandbox runs: new execs find them in their
-//! environment, long-running processes in files under `/run/torpor/credentials` (always the
-//! current value).
+//! Credentials a sandbox holds: its device token (see `identity`) with the address of the
+//! Torpor API as the guest reaches it, a GitHub App installation token scoped to its
+//! repositories, the model proxy's endpoints with its proxy token, and the static secrets it
+//! was given. They are pushed to the supervisor at create, on every resume and before they
+//! expire while the sandbox runs: new execs find them in their environment, long-running
+//! processes in files under `/run/torpor/credentials` (always the current value), and git in
+//! the image's credential helper, which reads those files.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use torpor_proto::supervisor::{write_file_input, WriteFileHeader, WriteFileInput};
 use torpor_proto::{GUEST_API_PORT, GUEST_GATEWAY};
 
-use super::{now_ms, Live, Manager};
+use super::{now_ms, Busy, Live, Manager};
+use crate::config::ModelFlavour;
 use crate::error::ApiError;
 use crate::guest::GuestClient;
+use crate::model::GitHubGrant;
+use crate::proxy::Tally;
+use crate::store::Record;
 
 /// Where the guest finds each credential as a file, named like its environment variable.
 pub const CREDENTIALS_DIR: &str = "/run/torpor/credentials";
 /// Owner of every sandbox until there are users.
 const OWNER: &str = "local";
+/// After a failed renewal (GitHub unreachable, say), the next attempt.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Credentials whose value never changes for a sandbox: their files are written once.
+const STATIC: [&str; 7] = [
+    "TORPOR_URL",
+    "TORPOR_SANDBOX_ID",
+    "GITHUB_HOST",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "OPENAI_BASE_URL",
+    "OPENAI_API_KEY",
+];
 
 impl Manager {
-    /// Issues the sandbox's credentials and hands them to its supervisor; returns when they
-    /// expire (ms since the epoch). `first`: also write the files that never change (they live
-    /// in the guest's memory, so a resume keeps them); later pushes write only the token, as
-    /// every round trip here is on the resume path.
+    /// Issues the sandbox's credentials and hands them to its supervisor; returns when they are
+    /// due for renewal (ms since the epoch). `first`: also write the files that never change
+    /// (they live in the guest's memory, so a resume keeps them); later pushes write only
+    /// what changes, as every round trip here is on the resume path.
     pub(super) async fn push_credentials(&self, id: &str, guest: &GuestClient, first: bool) -> Result<u64, ApiError> {
+        let rec = self.record(id).await?;
         let (token, exp) = self.tokens.issue(id, OWNER).map_err(|e| ApiError::internal(e.to_string()))?;
-        let secrets = self.store.get(id).await?.map(|r| r.secrets).unwrap_or_default();
+        let mut refresh_at = exp * 1000 - self.tokens.ttl().as_millis() as u64 / 2;
         let mut creds = HashMap::from([
             ("TORPOR_TOKEN".to_owned(), token),
             ("TORPOR_URL".to_owned(), format!("http://{GUEST_GATEWAY}:{GUEST_API_PORT}")),
             ("TORPOR_SANDBOX_ID".to_owned(), id.to_owned()),
         ]);
         // Read afresh every time: a rotated file reaches the sandbox on its next resume.
-        for name in secrets {
-            let value = self.cfg.read_secret(&name).map_err(|e| ApiError::internal(format!("sandbox {id}: {e}")))?;
-            creds.insert(name, value);
+        for name in &rec.secrets {
+            let value = self.cfg.read_secret(name).map_err(|e| ApiError::internal(format!("sandbox {id}: {e}")))?;
+            creds.insert(name.clone(), value);
+        }
+        self.model_credentials(&rec, &mut creds);
+        let mut github_failed = None;
+        if let (Some(grant), Some(broker)) = (&rec.github, &self.github) {
+            match self.github_token(id, grant).await {
+                Ok(token) => {
+                    refresh_at = refresh_at.min(token.refresh_at_ms());
+                    creds.insert("GITHUB_TOKEN".into(), token.token);
+                    creds.insert("GITHUB_HOST".into(), broker.git_host());
+                }
+                // The rest is still delivered; the refresher tries GitHub again soon.
+                Err(e) => {
+                    refresh_at = refresh_at.min(now_ms() + RETRY_AFTER.as_millis() as u64);
+                    github_failed = Some(e);
+                }
+            }
         }
         // All at once: this is on the resume path, and each is a round trip to the guest.
-        // Those that never change are written once; the token and the secrets every time.
-        let static_names = ["TORPOR_URL", "TORPOR_SANDBOX_ID"];
-        let writes = creds.iter().filter(|(name, _)| first || !static_names.contains(&name.as_str())).map(
+        let writes = creds.iter().filter(|(name, _)| first || !STATIC.contains(&name.as_str())).map(
             |(name, value)| async move {
                 write_guest_file(guest, &format!("{CREDENTIALS_DIR}/{name}"), value.as_bytes(), 0o600)
                     .await
@@ -52,27 +86,92 @@ impl Manager {
         let (written, env) = futures::join!(futures::future::join_all(writes), env);
         written.into_iter().collect::<Result<Vec<()>, _>>()?;
         env.map_err(ApiError::from_guest)?;
-        Ok(exp * 1000)
+        if let Some(e) = github_failed {
+            tracing::warn!(%id, error = %e, "no fresh GitHub token for the sandbox; retrying");
+        }
+        Ok(refresh_at)
     }
 
-    /// Re-issues credentials of running sandboxes whose tokens are past half their lifetime
-    /// (a sweep a second apart leaves ample margin). Called from the idle sweep.
+    /// The proxy's endpoints and this sandbox's token for each model API it was granted.
+    fn model_credentials(&self, rec: &Record, creds: &mut HashMap<String, String>) {
+        let Some(grant) = &rec.models else { return };
+        let token = self.proxy.token_for(&rec.id);
+        for flavour in [ModelFlavour::Anthropic, ModelFlavour::Openai] {
+            if !grant.allows(flavour) {
+                continue;
+            }
+            let prefix = flavour.as_str().to_ascii_uppercase();
+            creds.insert(format!("{prefix}_BASE_URL"), crate::proxy::guest_base_url(flavour));
+            creds.insert(format!("{prefix}_API_KEY"), token.clone());
+        }
+    }
+
+    /// The sandbox's current installation token, or a new one once the current is past half
+    /// its life. The replaced token is revoked, so a copy left anywhere dies with it.
+    pub(super) async fn github_token(
+        &self,
+        id: &str,
+        grant: &GitHubGrant,
+    ) -> Result<crate::github::InstallationToken, crate::github::GitHubError> {
+        let broker = self.github.as_ref().expect("checked by the caller");
+        let current = self.github_tokens.lock().expect("token table poisoned").get(id).cloned();
+        if let Some(token) = current.as_ref().filter(|t| now_ms() < t.refresh_at_ms()) {
+            return Ok(token.clone());
+        }
+        let fresh = broker.mint(grant).await?;
+        tracing::info!(%id, expires_in_s = (fresh.expires_ms.saturating_sub(now_ms())) / 1000, "new GitHub token");
+        self.github_tokens.lock().expect("token table poisoned").insert(id.to_owned(), fresh.clone());
+        if let Some(old) = current {
+            let broker = broker.clone();
+            tokio::spawn(async move { broker.revoke(&old.token).await });
+        }
+        Ok(fresh)
+    }
+
+    /// A removed sandbox's token is revoked rather than left to expire.
+    pub(super) fn forget_github_token(&self, id: &str) {
+        let token = self.github_tokens.lock().expect("token table poisoned").remove(id);
+        if let (Some(token), Some(broker)) = (token, self.github.clone()) {
+            tokio::spawn(async move { broker.revoke(&token.token).await });
+        }
+    }
+
+    /// Renews the credentials of running sandboxes that are due (a sweep a second apart
+    /// leaves ample margin before anything expires). Called from the idle sweep.
     pub(super) fn refresh_due_credentials(self: &Arc<Self>, candidates: &[(String, Arc<Live>)]) {
-        let ttl_ms = self.tokens.ttl().as_millis() as u64;
         let now = now_ms();
         for (id, live) in candidates {
-            let expires = live.credentials_expire_ms.load(Ordering::SeqCst);
-            if expires == 0 || now + ttl_ms / 2 < expires || live.refreshing.swap(true, Ordering::SeqCst) {
+            let due = live.credentials_refresh_ms.load(Ordering::SeqCst);
+            if due == 0 || now < due || live.refreshing.swap(true, Ordering::SeqCst) {
                 continue;
             }
             let (manager, id, live) = (self.clone(), id.clone(), live.clone());
             tokio::spawn(async move {
                 match manager.push_credentials(&id, &live.guest, false).await {
-                    Ok(exp) => live.credentials_expire_ms.store(exp, Ordering::SeqCst),
-                    Err(e) => tracing::warn!(%id, error = %e.message, "refreshing credentials failed; retrying"),
+                    Ok(refresh) => live.credentials_refresh_ms.store(refresh, Ordering::SeqCst),
+                    Err(e) => {
+                        tracing::warn!(%id, error = %e.message, "refreshing credentials failed; retrying");
+                        live.credentials_refresh_ms.store(now_ms() + RETRY_AFTER.as_millis() as u64, Ordering::SeqCst);
+                    }
                 }
                 live.refreshing.store(false, Ordering::SeqCst);
             });
+        }
+    }
+
+    /// The sandbox's record, for the model proxy to check its grant and budget.
+    pub async fn model_access(&self, id: &str) -> Result<Record, ApiError> {
+        self.record(id).await
+    }
+
+    /// Marks the sandbox busy while a proxied model request runs, if it is live here.
+    pub fn busy(&self, id: &str) -> Option<Busy> {
+        self.live_handle(id).map(|live| live.busy())
+    }
+
+    pub async fn record_model_usage(&self, id: &str, tally: Tally) {
+        if let Err(e) = self.store.add_model_usage(id, tally.input_tokens, tally.output_tokens).await {
+            tracing::warn!(%id, error = %e, "recording model usage failed");
         }
     }
 }
@@ -86,4 +185,15 @@ async fn write_guest_file(guest: &GuestClient, path: &str, data: &[u8], mode: u3
     ];
     guest.raw().write_file(tokio_stream::iter(messages)).await?;
     Ok(())
+}
+
+/// How a failed token exchange reads to whoever asked for the sandbox.
+pub(super) fn github_error(e: crate::github::GitHubError) -> ApiError {
+    use crate::github::GitHubError;
+    match &e {
+        // The scope asked for does not fit the installation: the request's fault.
+        GitHubError::Refused { status: 404 | 422, .. } => ApiError::invalid(e.to_string()),
+        GitHubError::Refused { .. } | GitHubError::Unreachable { .. } => ApiError::unavailable(e.to_string()),
+        GitHubError::Key(_) | GitHubError::Malformed(_) => ApiError::internal(e.to_string()),
+    }
 }

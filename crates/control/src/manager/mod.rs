@@ -4,6 +4,7 @@
 //! for right now.
 
 mod credentials;
+use credentials::github_error;
 mod network;
 mod reconcile;
 mod suspend;
@@ -45,8 +46,9 @@ pub struct Live {
     in_flight: AtomicUsize,
     /// Idle time after which the sandbox pauses; 0 = never.
     idle_timeout_ms: u64,
-    /// When the credentials it holds expire (ms since the epoch; 0 = none pushed yet).
-    credentials_expire_ms: AtomicU64,
+    /// When the credentials it holds are due for renewal (ms since the epoch; 0 = none
+    /// pushed yet).
+    credentials_refresh_ms: AtomicU64,
     /// A credential refresh is in flight.
     refreshing: AtomicBool,
 }
@@ -65,7 +67,7 @@ impl Live {
             last_activity_ms: AtomicU64::new(now_ms()),
             in_flight: AtomicUsize::new(0),
             idle_timeout_ms: rec.idle_timeout_secs * 1000,
-            credentials_expire_ms: AtomicU64::new(0),
+            credentials_refresh_ms: AtomicU64::new(0),
             refreshing: AtomicBool::new(false),
         })
     }
@@ -128,6 +130,12 @@ pub struct Manager {
     /// exists).
     guest_api: std::sync::OnceLock<axum::Router>,
     guest_api_tasks: Mutex<HashMap<String, tokio_util::sync::CancellationToken>>,
+    /// Serves the model APIs to sandboxes with the host's keys.
+    pub proxy: Arc<crate::proxy::ModelProxy>,
+    /// Exchanges the GitHub App's key for installation tokens, if one is configured.
+    github: Option<Arc<crate::github::GitHubBroker>>,
+    /// The installation token each sandbox holds now (host memory only).
+    github_tokens: Mutex<HashMap<String, crate::github::InstallationToken>>,
 }
 
 impl Manager {
@@ -137,7 +145,18 @@ impl Manager {
         let ttl = Duration::from_secs(cfg.device_token_ttl_secs);
         let tokens = crate::identity::DeviceTokens::load_or_create(&cfg.data_dir, ttl)
             .map_err(|e| ApiError::internal(e.to_string()))?;
+        let proxy =
+            crate::proxy::ModelProxy::load_or_create(&cfg.data_dir).map_err(|e| ApiError::internal(e.to_string()))?;
+        let github = cfg
+            .github
+            .as_ref()
+            .map(crate::github::GitHubBroker::new)
+            .transpose()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Arc::new(Self {
+            proxy: Arc::new(proxy),
+            github: github.map(Arc::new),
+            github_tokens: Mutex::new(HashMap::new()),
             tokens: Arc::new(tokens),
             guest_api: std::sync::OnceLock::new(),
             guest_api_tasks: Mutex::new(HashMap::new()),
@@ -262,6 +281,8 @@ impl Manager {
             },
             limits: self.api_limits(rec),
             secrets: rec.secrets.clone(),
+            github: rec.github.clone(),
+            models: rec.models.clone(),
             created_at: rec.created_at,
             updated_at: rec.updated_at,
         }
@@ -331,6 +352,12 @@ impl Manager {
         if req.secrets.is_none() {
             rec.secrets = template.secrets.clone();
         }
+        if req.github.is_none() {
+            rec.github = template.github.clone();
+        }
+        if req.models.is_none() {
+            rec.models = template.models.clone();
+        }
         self.finish_create(rec, |rec| async move { self.clone_template(&engine, &rec, &template).await }).await
     }
 
@@ -375,6 +402,8 @@ impl Manager {
             network: req.network.clone().unwrap_or_default(),
             disk_mib: req.disk_mib,
             secrets: req.secrets.clone().unwrap_or_default(),
+            github: req.github.clone(),
+            models: req.models.clone(),
         }
     }
 
@@ -391,7 +420,29 @@ impl Manager {
         let id = rec.id.clone();
         tracing::info!(%id, template = %rec.template, vcpus = rec.vcpus, memory_mib = rec.memory_mib, "creating sandbox");
         let started = std::time::Instant::now();
-        match start(rec).await {
+        // A GitHub token is minted while the VM boots: a scope GitHub refuses fails the create
+        // with GitHub's reason instead of leaving a sandbox without its token.
+        let cleanup_rec = rec.clone();
+        let github = async {
+            match &cleanup_rec.github {
+                Some(grant) if self.github.is_some() => self.github_token(&id, grant).await.map(|_| ()),
+                _ => Ok(()),
+            }
+        };
+        let (result, github) = tokio::join!(start(rec), github);
+        let result = match (result, github) {
+            (Ok(live), Err(e)) => {
+                live.vm.terminate().await;
+                let _ = self.teardown_net(&cleanup_rec).await;
+                Err(github_error(e))
+            }
+            (Err(e), _) => {
+                self.forget_github_token(&id);
+                Err(e)
+            }
+            (ok, Ok(())) => ok,
+        };
+        match result {
             Ok(live) => {
                 self.go_live(&id, live, State::Creating).await?;
                 tracing::info!(%id, ms = started.elapsed().as_millis() as u64, "sandbox running");
@@ -454,13 +505,13 @@ impl Manager {
     /// Starts watching a VM that is now live and running, with fresh credentials.
     async fn go_live(self: &Arc<Self>, id: &str, live: Arc<Live>, from: State) -> Result<(), ApiError> {
         // A resume pushes them itself, alongside the clock; a failed push leaves 0 here.
-        if live.credentials_expire_ms.load(Ordering::SeqCst) == 0 {
+        if live.credentials_refresh_ms.load(Ordering::SeqCst) == 0 {
             match self.push_credentials(id, &live.guest, from != State::Resuming).await {
-                Ok(exp) => live.credentials_expire_ms.store(exp, Ordering::SeqCst),
+                Ok(refresh) => live.credentials_refresh_ms.store(refresh, Ordering::SeqCst),
                 Err(e) => {
                     // The sandbox runs either way; the refresher retries at once.
                     tracing::warn!(%id, error = %e.message, "pushing credentials failed");
-                    live.credentials_expire_ms.store(1, Ordering::SeqCst);
+                    live.credentials_refresh_ms.store(1, Ordering::SeqCst);
                 }
             }
         }
@@ -591,6 +642,7 @@ impl Manager {
                 .map_err(|e| ApiError::internal(format!("removing {}: {e}", dir.display())))?;
         }
         self.store.delete(id).await?;
+        self.forget_github_token(id);
         self.op_locks.lock().expect("lock table poisoned").remove(id);
         self.parked_clients.lock().expect("client table poisoned").remove(id);
         Ok(())

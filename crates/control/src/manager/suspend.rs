@@ -196,7 +196,7 @@ impl Manager {
         self.store.count_resume(id).await?;
         let live = Live::new(vm, net, guest, rec);
         match credentials {
-            Ok(exp) => live.credentials_expire_ms.store(exp, std::sync::atomic::Ordering::SeqCst),
+            Ok(refresh) => live.credentials_refresh_ms.store(refresh, std::sync::atomic::Ordering::SeqCst),
             Err(e) => tracing::warn!(%id, error = %e.message, "pushing credentials failed; retrying"),
         }
         self.go_live(id, live, State::Resuming).await?;
@@ -262,6 +262,10 @@ impl Manager {
             storage_bytes: dir_bytes_on_disk(&self.run_dir(id)),
             resumes: rec.meter.resumes,
             limits: self.api_limits(&rec),
+            model_requests: rec.meter.model.requests,
+            model_input_tokens: rec.meter.model.input_tokens,
+            model_output_tokens: rec.meter.model.output_tokens,
+            model_token_budget: rec.models.as_ref().and_then(|m| m.budget()),
         })
     }
 

@@ -17,7 +17,7 @@ use torpor_proto::supervisor::IdentityRequest;
 use super::{create_private_dir, ensure_secret, wait_healthy, with_console_tail, Live, Manager};
 use crate::error::ApiError;
 use crate::guest::GuestClient;
-use crate::model::{validate_template_name, NetworkPolicy, State, Template, ValidCreate, BASE_TEMPLATE};
+use crate::model::{validate_template_name, State, Template, TemplateDefaults, ValidCreate, BASE_TEMPLATE};
 use crate::store::{Record, TemplateRecord};
 
 /// Files of a paused sandbox that make up a template.
@@ -36,6 +36,8 @@ impl Manager {
             processes: t.processes.clone(),
             network: t.network.clone(),
             secrets: t.secrets.clone(),
+            github: t.github.clone(),
+            models: t.models.clone(),
             created_at: t.created_at,
         }
     }
@@ -68,9 +70,12 @@ impl Manager {
             network: None,
             disk_mib: self.cfg.default_disk_mib,
             secrets: None,
+            github: None,
+            models: None,
         };
         let sandbox = self.create_cold(engine, req).await?;
-        self.capture(BASE_TEMPLATE, &sandbox.id, vec!["torpor-guest".into()], Default::default(), Vec::new()).await
+        let defaults = TemplateDefaults { processes: vec!["torpor-guest".into()], ..Default::default() };
+        self.capture(BASE_TEMPLATE, &sandbox.id, defaults).await
     }
 
     /// Turns a running, cold-booted sandbox into template `name`: pauses it and moves its
@@ -79,13 +84,11 @@ impl Manager {
         self: &Arc<Self>,
         name: &str,
         id: &str,
-        processes: Vec<String>,
-        network: NetworkPolicy,
-        secrets: Vec<String>,
+        defaults: TemplateDefaults,
     ) -> Result<TemplateRecord, ApiError> {
         validate_template_name(name)?;
-        crate::model::validate_secret_names(&secrets, &self.cfg)?;
-        let network = network.canonical()?;
+        crate::model::validate_secret_names(&defaults.secrets, &self.cfg)?;
+        let network = defaults.network.canonical()?;
         let rec = self.record(id).await?;
         if rec.template_dir.is_some() {
             return Err(ApiError::conflict(format!(
@@ -119,9 +122,11 @@ impl Manager {
             image_dir: rec.image_dir.clone(),
             vcpus: rec.vcpus,
             memory_mib: rec.memory_mib,
-            processes,
+            processes: defaults.processes,
             network,
-            secrets,
+            secrets: defaults.secrets,
+            github: defaults.github,
+            models: defaults.models,
             created_at: Utc::now(),
         };
         let _templates = self.templates_lock.write().await;
