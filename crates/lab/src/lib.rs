@@ -10,6 +10,16 @@
 //! - one web server answering on port 80 of every address: `GET /` says which address it was
 //!   reached on, `GET /bytes/N` sends N bytes;
 //! - an echo server on port 7 of every address, for long-lived connections.
+//!
+//! Beside it, fakes of the outside services sandboxes are given credentials for, speaking their
+//! real wire formats and checking what the real ones check: [`FakeGitHub`] (GitHub App
+//! installation tokens) and [`FakeModels`] (the Anthropic Messages and OpenAI chat APIs).
+
+mod github;
+mod models;
+
+pub use github::{FakeGitHub, GitHubApp};
+pub use models::{FakeModels, ModelRequest};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -178,6 +188,14 @@ impl Internet {
             }
         }
         Ok(())
+    }
+
+    /// A listening socket on `port` of every address of the block, for a server of the
+    /// caller's (one of the fakes).
+    pub fn listen(&self, port: u16) -> Result<TcpListener> {
+        let listener = self.in_ns(move || TcpListener::bind(("0.0.0.0", port)))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
     }
 
     /// Runs `f` on a thread inside the lab's namespace (sockets it makes live there).

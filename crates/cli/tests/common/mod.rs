@@ -60,6 +60,9 @@ pub struct Daemon {
     pub internet: Option<torpor_lab::Internet>,
 }
 
+/// Config text derived from the lab internet's addresses.
+pub type LabConfig = std::sync::Arc<dyn Fn(&torpor_lab::Internet) -> String + Send + Sync>;
+
 /// Extra TOML lines for a test daemon's config.
 #[derive(Default, Clone)]
 pub struct Options {
@@ -68,6 +71,9 @@ pub struct Options {
     /// Start a lab internet (torpor-lab) for this daemon, with records of this TTL, and make
     /// its DNS server the daemon's upstream.
     pub internet_ttl: Option<u32>,
+    /// More config, written once the lab internet exists (its addresses are known then);
+    /// appended last, so it may open TOML tables.
+    pub lab_config: Option<LabConfig>,
 }
 
 impl Daemon {
@@ -85,10 +91,14 @@ impl Daemon {
             Some(net) => format!("dns_upstreams = [\"{}\"]\n", net.dns_server()),
             None => String::new(),
         };
+        let lab_config = match (&internet, &opts.lab_config) {
+            (Some(net), Some(f)) => f(net),
+            _ => String::new(),
+        };
         // VM uids of concurrently running test daemons must not overlap either.
         let uid_base = 1_000_000_000 + u32::from(slot) * 20_000;
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"10.{}.0.0/16\"\nvm_uid_base = {uid_base}\n{upstream}{}\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"10.{}.0.0/16\"\nvm_uid_base = {uid_base}\n{upstream}{}\n{lab_config}\n",
             home.path().display(),
             opts.image_dir.unwrap_or_else(image_dir).display(),
             200 + slot,
