@@ -9,6 +9,7 @@ PACKAGES=(
   mmdebstrap busybox-static cpio kmod e2fsprogs  # guest image: rootfs, initramfs, ext4
   iproute2 nftables conntrack         # per-sandbox namespaces, veth, tap, firewall, cutting connections
   dnsmasq-base bind9-dnsutils python3 # tests and `torpor bench network`: a small internet of their own
+  openssl                             # tests and `torpor bench credentials`: a GitHub App key pair
   protobuf-compiler                   # the supervisor's gRPC contract
   build-essential pkg-config curl ca-certificates
 )

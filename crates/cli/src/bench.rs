@@ -57,6 +57,22 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What the credential broker and model proxy cost: model calls through the proxy vs
+    /// straight to the upstream (first byte and total, whole and streamed), and resume → first
+    /// exec with no credentials, with credentials to push, and with a GitHub token to mint.
+    /// Builds its own lab network with fake GitHub and Anthropic APIs and runs a private daemon
+    /// (needs root).
+    Credentials {
+        /// Model calls per path and kind.
+        #[arg(long, default_value_t = 100)]
+        calls: usize,
+        /// Words in each prompt (the fake answers with as many).
+        #[arg(long, default_value_t = 50)]
+        words: usize,
+        /// Pause/resume cycles per kind.
+        #[arg(long, default_value_t = 10)]
+        cycles: usize,
+    },
 }
 
 pub fn percentile(samples: &[f64], p: f64) -> f64 {
@@ -99,6 +115,9 @@ pub async fn run(cmd: BenchCommand, url: &str, api_key: Option<String>) -> Resul
         BenchCommand::Network { connects, bulk_mib, bulk_runs, dns_queries, json } => {
             crate::bench_network::run(crate::bench_network::Params { connects, bulk_mib, bulk_runs, dns_queries, json })
                 .await
+        }
+        BenchCommand::Credentials { calls, words, cycles } => {
+            crate::bench_credentials::run(crate::bench_credentials::Params { calls, words, cycles }).await
         }
     }
 }

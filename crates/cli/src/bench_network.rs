@@ -116,19 +116,20 @@ pub struct Params {
     pub json: bool,
 }
 
-/// A private daemon for the benchmark; killed (with its sandboxes' VMs) when dropped.
-struct BenchDaemon {
+/// A private daemon for a benchmark; killed (with its sandboxes' VMs) when dropped.
+pub(crate) struct BenchDaemon {
     child: Child,
     home: tempfile::TempDir,
 }
 
 impl BenchDaemon {
-    async fn start(upstream: std::net::Ipv4Addr) -> Result<(Self, Client)> {
+    /// `extra`: more config, appended last (it may open tables).
+    pub(crate) async fn start(upstream: std::net::Ipv4Addr, pool: &str, extra: &str) -> Result<(Self, Client)> {
         let home = tempfile::Builder::new().prefix("torpor-bench-").tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let image_dir = std::env::var_os("TORPOR_IMAGES").unwrap_or_else(|| "/var/cache/torpor/images".into());
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"{POOL}\"\ndns_upstreams = [\"{upstream}\"]\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"{pool}\"\ndns_upstreams = [\"{upstream}\"]\n{extra}\n",
             home.path().display(),
             Path::new(&image_dir).display(),
         );
@@ -162,7 +163,7 @@ impl BenchDaemon {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.home.path().join("server.log")).unwrap_or_default()
     }
 }
@@ -200,7 +201,7 @@ pub async fn run(p: Params) -> Result<()> {
     }
     let refs: Vec<(&str, std::net::Ipv4Addr)> = records.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     lab.set_records(&refs)?;
-    let (daemon, client) = BenchDaemon::start(lab.dns_server()).await?;
+    let (daemon, client) = BenchDaemon::start(lab.dns_server(), POOL, "").await?;
 
     let direct_dns = format!("{}/32:53", lab.dns_server());
     let policies = [

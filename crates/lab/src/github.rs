@@ -145,6 +145,11 @@ impl FakeGitHub {
         self.state.lock().unwrap().tokens.get(token).map(|t| t.permissions.clone())
     }
 
+    /// Lifetime of the tokens issued from now on.
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        self.state.lock().unwrap().lifetime = lifetime;
+    }
+
     /// Tokens issued so far.
     pub fn issued(&self) -> usize {
         self.state.lock().unwrap().tokens.len()

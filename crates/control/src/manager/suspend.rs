@@ -180,11 +180,16 @@ impl Manager {
             wait_healthy(&guest, vm.as_ref(), Duration::from_secs(self.cfg.boot_timeout_secs)).await?;
             // The guest's wall clock stood still while it was paused, and its token may have
             // expired meanwhile: both are fixed at once, side by side.
-            let (clock, credentials) = tokio::join!(guest.sync_clock(), self.push_credentials(id, &guest, false));
+            let credentials = async {
+                let started = std::time::Instant::now();
+                let pushed = self.push_credentials(id, &guest, false).await;
+                (pushed, started.elapsed().as_millis() as u64)
+            };
+            let (clock, credentials) = tokio::join!(guest.sync_clock(), credentials);
             clock.map_err(|e| format!("setting the guest clock: {}", e.message()))?;
             Ok::<_, String>(credentials)
         };
-        let credentials = match ready.await {
+        let (credentials, credentials_ms) = match ready.await {
             Ok(credentials) => credentials,
             Err(why) => {
                 vm.terminate().await;
@@ -201,7 +206,8 @@ impl Manager {
         }
         self.go_live(id, live, State::Resuming).await?;
         // restored_ms: VMM start, state load and `cont`; the rest is the guest answering again.
-        tracing::info!(%id, ms = started.elapsed().as_millis() as u64, restored_ms, "sandbox resumed");
+        // credentials_ms: issuing and pushing them (a GitHub token minted if one was due).
+        tracing::info!(%id, ms = started.elapsed().as_millis() as u64, restored_ms, credentials_ms, "sandbox resumed");
         Ok(())
     }
 
