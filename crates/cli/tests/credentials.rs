@@ -186,23 +186,67 @@ async fn github_tokens_are_scoped_fresh_after_resume_renewed_and_reach_running_p
 
     // While it runs, the token is renewed before it expires and the replaced one is revoked.
     let before = github_token(d, &id).await;
-    let started = Instant::now();
-    let renewed = loop {
-        let renewed = github_token(d, &id).await;
-        if renewed != before {
-            break renewed;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "no renewal within 10 s of a 6 s token");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let renewed = next_token(d, &id, &before).await;
     assert!(lab.github.check(&renewed).is_some());
     wait_for("the replaced token to be revoked", Duration::from_secs(5), || lab.github.revoked(&before)).await;
 
-    // Removing the sandbox revokes its token too.
+    // Removing the sandbox revokes its token too. Tokens issued from now on outlive the test,
+    // so the one removed is the one held.
+    lab.github.set_lifetime(Duration::from_secs(3600));
+    let last = next_token(d, &id, &renewed).await;
     let (status, _) = d.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    wait_for("the token of a removed sandbox to be revoked", Duration::from_secs(5), || lab.github.revoked(&renewed))
+    wait_for("the token of a removed sandbox to be revoked", Duration::from_secs(5), || lab.github.revoked(&last))
         .await;
+}
+
+/// Waits for the sandbox's token to be renewed (within 10 s: the tokens here live 6 s).
+async fn next_token(d: &Daemon, id: &str, current: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let token = github_token(d, id).await;
+        if token != current {
+            return token;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no renewal within 10 s of a 6 s token");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_template_carries_no_credentials_of_the_sandbox_it_was_made_from() {
+    let lab = lab(Duration::from_secs(3600), "").await;
+    let d = &lab.d;
+    let source = d
+        .create(
+            json!({"cold_boot": true, "github": {"repositories": ["torpor"]}, "models": {}, "idle_timeout_secs": 0}),
+        )
+        .await;
+    let source = source["id"].as_str().unwrap().to_owned();
+    let token = github_token(d, &source).await;
+    let proxy_token = sh(d, &source, "printenv ANTHROPIC_API_KEY").await;
+    let (status, body) =
+        d.call(Method::POST, "/v1/templates", Some(json!({"name": "from-granted", "sandbox": source}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    wait_for("the captured sandbox's token to be revoked", Duration::from_secs(5), || lab.github.revoked(&token)).await;
+
+    let clone = d.create(json!({"template": "from-granted", "idle_timeout_secs": 0})).await;
+    let clone = clone["id"].as_str().unwrap().to_owned();
+    let seen = sh(
+        d,
+        &clone,
+        "printenv GITHUB_TOKEN ANTHROPIC_API_KEY; cat /run/torpor/credentials/GITHUB_TOKEN \
+         /run/torpor/credentials/ANTHROPIC_API_KEY; echo; printenv TORPOR_SANDBOX_ID",
+    )
+    .await;
+    assert!(!seen.contains(&token) && !seen.contains(&proxy_token), "the clone holds its source's credentials: {seen}");
+    assert_eq!(seen.trim(), clone, "the clone's own id, and no credential of the source");
+    let filled = d.exec(&clone, &["sh", "-c", FILL]).await;
+    assert!(!String::from_utf8_lossy(&filled.1).contains("password="), "git's helper answered in the clone");
+    // A clone given credentials of its own gets them.
+    let granted = d.create(json!({"template": "from-granted", "github": {"repositories": ["website"]}})).await;
+    let own = github_token(d, granted["id"].as_str().unwrap()).await;
+    assert_eq!(lab.github.check(&own), Some(vec!["website".to_owned()]));
 }
 
 #[tokio::test]
@@ -295,7 +339,13 @@ async fn model_proxy_streams_meters_budgets_and_keeps_the_key_on_the_host() {
     // Metered: exactly what the answers reported.
     let answers = [&whole, &streamed, &chat, &chat_whole];
     let sum = |field: &str| answers.iter().map(|a| a[field].as_u64().unwrap()).sum::<u64>();
-    let u = usage(d, &a).await;
+    // Booked when each answer's stream ends, just after the client has it all.
+    let mut u = usage(d, &a).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while u["model_requests"] != 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        u = usage(d, &a).await;
+    }
     assert_eq!(u["model_requests"], 4, "{u}");
     assert_eq!(u["model_input_tokens"].as_u64(), Some(sum("input")), "{u}");
     assert_eq!(u["model_output_tokens"].as_u64(), Some(sum("output")), "{u}");
@@ -349,6 +399,36 @@ async fn model_proxy_streams_meters_budgets_and_keeps_the_key_on_the_host() {
     assert_eq!(stolen["error"]["error"]["type"], "authentication_error");
     let forged = model_call(d, &a, "openai", "whole", "hi", Some("torpor-proxy-00")).await;
     assert_eq!(forged["status"], 401, "{forged}");
+    // Only the completion endpoints, never the main API listener, and no account-picking headers.
+    let (status, _) = d.call(Method::POST, "/anthropic/v1/messages", Some(json!({}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the proxy must not be served on the daemon's own listener");
+    let code = |method: &str, path: &str| {
+        format!(
+            "curl -s --path-as-is -o /dev/null -w '%{{http_code}}' -X {method} -H \"x-api-key: $ANTHROPIC_API_KEY\" \
+             -H \"authorization: Bearer $OPENAI_API_KEY\" http://192.168.240.1:7070{path}"
+        )
+    };
+    for (method, path) in [
+        ("POST", "/anthropic/v1/..%2F..%2Fadmin"),
+        ("POST", "/anthropic/v1/../v1/messages"),
+        ("GET", "/openai/v1/files"),
+        ("POST", "/openai/v1/batches"),
+    ] {
+        assert_eq!(sh(d, &a, &code(method, path)).await, "404", "{method} {path}");
+    }
+    let before = lab.models.requests().len();
+    sh(
+        d,
+        &a,
+        "curl -sf -o /dev/null $OPENAI_BASE_URL/chat/completions -H \"authorization: Bearer $OPENAI_API_KEY\" \
+         -H 'openai-organization: org-someone-else' -H 'content-type: application/json' \
+         -d '{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}'",
+    )
+    .await;
+    let seen = lab.models.requests();
+    assert_eq!(seen.len(), before + 1);
+    assert!(!seen[before].headers.iter().any(|(k, _)| k == "openai-organization"), "{:?}", seen[before].headers);
+
     let c = d.create(json!({"idle_timeout_secs": 0})).await;
     let c = c["id"].as_str().unwrap().to_owned();
     assert_eq!(sh(d, &c, "printenv ANTHROPIC_API_KEY OPENAI_API_KEY || true").await, "");
@@ -369,7 +449,7 @@ async fn model_proxy_streams_meters_budgets_and_keeps_the_key_on_the_host() {
     for key in [&lab.anthropic_key, &lab.openai_key, &proxy_token] {
         let found = scan_guest(d, &a, key).await;
         if *key == proxy_token {
-            assert_ne!(found[0], 0, "the scan must find the proxy token the guest does hold");
+            assert!(found.iter().all(|n| *n > 0), "each scan must find the proxy token the guest holds: {found:?}");
         } else {
             assert_eq!(found, [0, 0, 0], "a real key is in the guest (environments, ps, files)");
         }

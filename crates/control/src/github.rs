@@ -98,6 +98,8 @@ impl GitHubBroker {
             .user_agent(concat!("torpor/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
+            // The app JWT and the tokens go to the configured API and nowhere else.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| GitHubError::Unreachable { url: app.api_url.clone(), message: e.to_string() })?;
         Ok(Self { app: app.clone(), key, http })

@@ -7,16 +7,17 @@
 //! the image's credential helper, which reads those files.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use torpor_proto::supervisor::{write_file_input, WriteFileHeader, WriteFileInput};
+use torpor_proto::supervisor::{write_file_input, SetEnvRequest, WriteFileHeader, WriteFileInput};
 use torpor_proto::{GUEST_API_PORT, GUEST_GATEWAY};
 
 use super::{now_ms, Busy, Live, Manager};
 use crate::config::ModelFlavour;
 use crate::error::ApiError;
+use crate::github::{GitHubError, InstallationToken};
 use crate::guest::GuestClient;
 use crate::model::GitHubGrant;
 use crate::proxy::Tally;
@@ -26,8 +27,10 @@ use crate::store::Record;
 pub const CREDENTIALS_DIR: &str = "/run/torpor/credentials";
 /// Owner of every sandbox until there are users.
 const OWNER: &str = "local";
-/// After a failed renewal (GitHub unreachable, say), the next attempt.
+/// After a failed delivery (GitHub unreachable, say), the next attempt; doubled after each
+/// further failure, up to `RETRY_MAX`.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(320);
 /// Credentials whose value never changes for a sandbox: their files are written once.
 const STATIC: [&str; 7] = [
     "TORPOR_URL",
@@ -39,12 +42,78 @@ const STATIC: [&str; 7] = [
     "OPENAI_API_KEY",
 ];
 
+/// The outcome of one delivery.
+pub(super) struct Pushed {
+    /// When the earliest credential is due for renewal (ms since the epoch).
+    refresh_at_ms: u64,
+    /// False when a GitHub token could not be had: the rest was delivered.
+    complete: bool,
+}
+
+/// A live sandbox's credential deliveries: when the next is due, and how the last ones went.
+#[derive(Default)]
+pub(super) struct Delivery {
+    /// Ms since the epoch; 0 = none attempted yet.
+    refresh_ms: AtomicU64,
+    in_flight: AtomicBool,
+    /// The files that never change were written.
+    statics_written: AtomicBool,
+    /// Failed deliveries in a row, for the back-off.
+    failures: AtomicU32,
+}
+
+impl Delivery {
+    pub(super) fn pushed(&self) -> bool {
+        self.refresh_ms.load(Ordering::SeqCst) != 0
+    }
+
+    /// Schedules the next delivery after one that wrote the static files (`first`) or not
+    /// (then, on a resume, the guest kept them from before).
+    pub(super) fn record(&self, id: &str, result: &Result<Pushed, ApiError>, first: bool) {
+        let now = now_ms();
+        let backoff = |failures: u32| {
+            let delay = RETRY_AFTER.saturating_mul(1 << failures.saturating_sub(1).min(5)).min(RETRY_MAX);
+            now + delay.as_millis() as u64
+        };
+        match result {
+            Ok(pushed) => {
+                self.statics_written.store(true, Ordering::SeqCst);
+                let mut next = pushed.refresh_at_ms;
+                if pushed.complete {
+                    self.failures.store(0, Ordering::SeqCst);
+                } else {
+                    next = next.min(backoff(self.failures.fetch_add(1, Ordering::SeqCst) + 1));
+                }
+                self.refresh_ms.store(next.max(1), Ordering::SeqCst);
+            }
+            Err(e) => {
+                if first {
+                    self.statics_written.store(false, Ordering::SeqCst);
+                }
+                let failures = self.failures.fetch_add(1, Ordering::SeqCst) + 1;
+                tracing::warn!(%id, error = %e.message, failures, "delivering credentials failed; retrying");
+                self.refresh_ms.store(backoff(failures), Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 impl Manager {
-    /// Issues the sandbox's credentials and hands them to its supervisor; returns when they are
-    /// due for renewal (ms since the epoch). `first`: also write the files that never change
-    /// (they live in the guest's memory, so a resume keeps them); later pushes write only
-    /// what changes, as every round trip here is on the resume path.
-    pub(super) async fn push_credentials(&self, id: &str, guest: &GuestClient, first: bool) -> Result<u64, ApiError> {
+    pub(super) fn credential_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.credential_locks.lock().expect("lock table poisoned").entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Issues the sandbox's credentials and hands them to its supervisor. `first`: also write
+    /// the files that never change (they live in the guest's memory, so a resume keeps them);
+    /// later pushes write only what changes, as every round trip here is on the resume path.
+    pub(super) async fn push_credentials(
+        &self,
+        id: &str,
+        guest: &GuestClient,
+        first: bool,
+    ) -> Result<Pushed, ApiError> {
+        let lock = self.credential_lock(id);
+        let _one_at_a_time = lock.lock().await;
         let rec = self.record(id).await?;
         let (token, exp) = self.tokens.issue(id, OWNER).map_err(|e| ApiError::internal(e.to_string()))?;
         let mut refresh_at = exp * 1000 - self.tokens.ttl().as_millis() as u64 / 2;
@@ -60,18 +129,17 @@ impl Manager {
         }
         self.model_credentials(&rec, &mut creds);
         let mut github_failed = None;
+        let mut replaced = None;
         if let (Some(grant), Some(broker)) = (&rec.github, &self.github) {
             match self.github_token(id, grant).await {
-                Ok(token) => {
+                Ok((token, old)) => {
                     refresh_at = refresh_at.min(token.refresh_at_ms());
                     creds.insert("GITHUB_TOKEN".into(), token.token);
                     creds.insert("GITHUB_HOST".into(), broker.git_host());
+                    replaced = old;
                 }
-                // The rest is still delivered; the refresher tries GitHub again soon.
-                Err(e) => {
-                    refresh_at = refresh_at.min(now_ms() + RETRY_AFTER.as_millis() as u64);
-                    github_failed = Some(e);
-                }
+                // The rest is still delivered; the refresher tries GitHub again (see `Delivery`).
+                Err(e) => github_failed = Some(e),
             }
         }
         // All at once: this is on the resume path, and each is a round trip to the guest.
@@ -86,10 +154,38 @@ impl Manager {
         let (written, env) = futures::join!(futures::future::join_all(writes), env);
         written.into_iter().collect::<Result<Vec<()>, _>>()?;
         env.map_err(ApiError::from_guest)?;
-        if let Some(e) = github_failed {
-            tracing::warn!(%id, error = %e, "no fresh GitHub token for the sandbox; retrying");
+        // Only now that the guest holds its successor: a token in use is never revoked.
+        if let (Some(old), Some(broker)) = (replaced, self.github.clone()) {
+            tokio::spawn(async move { broker.revoke(&old.token).await });
         }
-        Ok(refresh_at)
+        if let Some(e) = &github_failed {
+            tracing::warn!(%id, error = %e, "no fresh GitHub token for the sandbox");
+        }
+        Ok(Pushed { refresh_at_ms: refresh_at, complete: github_failed.is_none() })
+    }
+
+    /// Takes the sandbox's credentials out of its guest before it becomes a template, whose
+    /// snapshot every clone starts from: the default environment goes back to what the sandbox
+    /// was created with, and every credential file is emptied (clones get their own at create;
+    /// an empty `GITHUB_HOST` makes git's helper answer nothing).
+    pub(super) async fn strip_credentials(&self, rec: &Record, guest: &GuestClient) -> Result<(), ApiError> {
+        let lock = self.credential_lock(&rec.id);
+        let _one_at_a_time = lock.lock().await;
+        let env = rec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut client = guest.raw();
+        let reset = client.set_env(SetEnvRequest { env, replace: true });
+        let mut names: Vec<String> = STATIC.iter().map(|n| n.to_string()).collect();
+        names.extend(["TORPOR_TOKEN".into(), "GITHUB_TOKEN".into()]);
+        names.extend(rec.secrets.iter().cloned());
+        let blanks = names.iter().map(|name| async move {
+            write_guest_file(guest, &format!("{CREDENTIALS_DIR}/{name}"), b"", 0o600)
+                .await
+                .map_err(|e| ApiError::internal(format!("clearing {name} in sandbox {}: {e}", rec.id)))
+        });
+        let (reset, blanked) = futures::join!(reset, futures::future::join_all(blanks));
+        reset.map_err(ApiError::from_guest)?;
+        blanked.into_iter().collect::<Result<Vec<()>, _>>()?;
+        Ok(())
     }
 
     /// The proxy's endpoints and this sandbox's token for each model API it was granted.
@@ -107,29 +203,33 @@ impl Manager {
     }
 
     /// The sandbox's current installation token, or a new one once the current is past half
-    /// its life. The replaced token is revoked, so a copy left anywhere dies with it.
+    /// its life, with the token it replaces (for the caller to revoke once the guest holds the
+    /// new one). Callers hold the sandbox's credential lock.
     pub(super) async fn github_token(
         &self,
         id: &str,
         grant: &GitHubGrant,
-    ) -> Result<crate::github::InstallationToken, crate::github::GitHubError> {
+    ) -> Result<(InstallationToken, Option<InstallationToken>), GitHubError> {
         let broker = self.github.as_ref().expect("checked by the caller");
         let current = self.github_tokens.lock().expect("token table poisoned").get(id).cloned();
         if let Some(token) = current.as_ref().filter(|t| now_ms() < t.refresh_at_ms()) {
-            return Ok(token.clone());
+            return Ok((token.clone(), None));
         }
         let fresh = broker.mint(grant).await?;
         tracing::info!(%id, expires_in_s = (fresh.expires_ms.saturating_sub(now_ms())) / 1000, "new GitHub token");
         self.github_tokens.lock().expect("token table poisoned").insert(id.to_owned(), fresh.clone());
-        if let Some(old) = current {
-            let broker = broker.clone();
-            tokio::spawn(async move { broker.revoke(&old.token).await });
+        // Removed while the token was being minted: `forget_credentials` ran before the insert
+        // above or will see it; either way no token outlives its sandbox.
+        if matches!(self.store.get(id).await, Ok(None)) {
+            self.forget_credentials(id);
+            return Err(GitHubError::Refused { status: 404, message: format!("sandbox {id} was removed") });
         }
-        Ok(fresh)
+        Ok((fresh, current))
     }
 
-    /// A removed sandbox's token is revoked rather than left to expire.
-    pub(super) fn forget_github_token(&self, id: &str) {
+    /// For a sandbox that is gone: its GitHub token is revoked rather than left to expire.
+    pub(super) fn forget_credentials(&self, id: &str) {
+        self.credential_locks.lock().expect("lock table poisoned").remove(id);
         let token = self.github_tokens.lock().expect("token table poisoned").remove(id);
         if let (Some(token), Some(broker)) = (token, self.github.clone()) {
             tokio::spawn(async move { broker.revoke(&token.token).await });
@@ -141,20 +241,17 @@ impl Manager {
     pub(super) fn refresh_due_credentials(self: &Arc<Self>, candidates: &[(String, Arc<Live>)]) {
         let now = now_ms();
         for (id, live) in candidates {
-            let due = live.credentials_refresh_ms.load(Ordering::SeqCst);
-            if due == 0 || now < due || live.refreshing.swap(true, Ordering::SeqCst) {
+            let delivery = &live.credentials;
+            let due = delivery.refresh_ms.load(Ordering::SeqCst);
+            if due == 0 || now < due || delivery.in_flight.swap(true, Ordering::SeqCst) {
                 continue;
             }
             let (manager, id, live) = (self.clone(), id.clone(), live.clone());
             tokio::spawn(async move {
-                match manager.push_credentials(&id, &live.guest, false).await {
-                    Ok(refresh) => live.credentials_refresh_ms.store(refresh, Ordering::SeqCst),
-                    Err(e) => {
-                        tracing::warn!(%id, error = %e.message, "refreshing credentials failed; retrying");
-                        live.credentials_refresh_ms.store(now_ms() + RETRY_AFTER.as_millis() as u64, Ordering::SeqCst);
-                    }
-                }
-                live.refreshing.store(false, Ordering::SeqCst);
+                let first = !live.credentials.statics_written.load(Ordering::SeqCst);
+                let pushed = manager.push_credentials(&id, &live.guest, first).await;
+                live.credentials.record(&id, &pushed, first);
+                live.credentials.in_flight.store(false, Ordering::SeqCst);
             });
         }
     }

@@ -46,11 +46,8 @@ pub struct Live {
     in_flight: AtomicUsize,
     /// Idle time after which the sandbox pauses; 0 = never.
     idle_timeout_ms: u64,
-    /// When the credentials it holds are due for renewal (ms since the epoch; 0 = none
-    /// pushed yet).
-    credentials_refresh_ms: AtomicU64,
-    /// A credential refresh is in flight.
-    refreshing: AtomicBool,
+    /// When its credentials are due for renewal, and how the last deliveries went.
+    credentials: credentials::Delivery,
 }
 
 fn now_ms() -> u64 {
@@ -67,8 +64,7 @@ impl Live {
             last_activity_ms: AtomicU64::new(now_ms()),
             in_flight: AtomicUsize::new(0),
             idle_timeout_ms: rec.idle_timeout_secs * 1000,
-            credentials_refresh_ms: AtomicU64::new(0),
-            refreshing: AtomicBool::new(false),
+            credentials: Default::default(),
         })
     }
 
@@ -136,6 +132,9 @@ pub struct Manager {
     github: Option<Arc<crate::github::GitHubBroker>>,
     /// The installation token each sandbox holds now (host memory only).
     github_tokens: Mutex<HashMap<String, crate::github::InstallationToken>>,
+    /// One credential delivery per sandbox at a time: a renewal and a resume never mint two
+    /// tokens or land out of order.
+    credential_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Manager {
@@ -157,6 +156,7 @@ impl Manager {
             proxy: Arc::new(proxy),
             github: github.map(Arc::new),
             github_tokens: Mutex::new(HashMap::new()),
+            credential_locks: Mutex::new(HashMap::new()),
             tokens: Arc::new(tokens),
             guest_api: std::sync::OnceLock::new(),
             guest_api_tasks: Mutex::new(HashMap::new()),
@@ -425,7 +425,11 @@ impl Manager {
         let cleanup_rec = rec.clone();
         let github = async {
             match &cleanup_rec.github {
-                Some(grant) if self.github.is_some() => self.github_token(&id, grant).await.map(|_| ()),
+                Some(grant) if self.github.is_some() => {
+                    let lock = self.credential_lock(&id);
+                    let _one_at_a_time = lock.lock().await;
+                    self.github_token(&id, grant).await.map(|_| ())
+                }
                 _ => Ok(()),
             }
         };
@@ -437,7 +441,7 @@ impl Manager {
                 Err(github_error(e))
             }
             (Err(e), _) => {
-                self.forget_github_token(&id);
+                self.forget_credentials(&id);
                 Err(e)
             }
             (ok, Ok(())) => ok,
@@ -505,15 +509,11 @@ impl Manager {
     /// Starts watching a VM that is now live and running, with fresh credentials.
     async fn go_live(self: &Arc<Self>, id: &str, live: Arc<Live>, from: State) -> Result<(), ApiError> {
         // A resume pushes them itself, alongside the clock; a failed push leaves 0 here.
-        if live.credentials_refresh_ms.load(Ordering::SeqCst) == 0 {
-            match self.push_credentials(id, &live.guest, from != State::Resuming).await {
-                Ok(refresh) => live.credentials_refresh_ms.store(refresh, Ordering::SeqCst),
-                Err(e) => {
-                    // The sandbox runs either way; the refresher retries at once.
-                    tracing::warn!(%id, error = %e.message, "pushing credentials failed");
-                    live.credentials_refresh_ms.store(1, Ordering::SeqCst);
-                }
-            }
+        if !live.credentials.pushed() {
+            // The sandbox runs either way; a failed delivery is retried by the refresher.
+            let first = from != State::Resuming;
+            let pushed = self.push_credentials(id, &live.guest, first).await;
+            live.credentials.record(id, &pushed, first);
         }
         self.live.lock().expect("live table poisoned").insert(id.to_owned(), live.clone());
         self.store.transition(id, &[from], State::Running, None).await?;
@@ -642,7 +642,7 @@ impl Manager {
                 .map_err(|e| ApiError::internal(format!("removing {}: {e}", dir.display())))?;
         }
         self.store.delete(id).await?;
-        self.forget_github_token(id);
+        self.forget_credentials(id);
         self.op_locks.lock().expect("lock table poisoned").remove(id);
         self.parked_clients.lock().expect("client table poisoned").remove(id);
         Ok(())

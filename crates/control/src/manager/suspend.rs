@@ -200,10 +200,7 @@ impl Manager {
         };
         self.store.count_resume(id).await?;
         let live = Live::new(vm, net, guest, rec);
-        match credentials {
-            Ok(refresh) => live.credentials_refresh_ms.store(refresh, std::sync::atomic::Ordering::SeqCst),
-            Err(e) => tracing::warn!(%id, error = %e.message, "pushing credentials failed; retrying"),
-        }
+        live.credentials.record(id, &credentials, false);
         self.go_live(id, live, State::Resuming).await?;
         // restored_ms: VMM start, state load and `cont`; the rest is the guest answering again.
         // credentials_ms: issuing and pushing them (a GitHub token minted if one was due).

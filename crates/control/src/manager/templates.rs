@@ -105,6 +105,9 @@ impl Manager {
         // sandbox in between and run from files that are being taken away.
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
+        if let Some(live) = self.live_handle(id) {
+            self.strip_credentials(&rec, &live.guest).await?;
+        }
         self.pause_locked(id).await?;
         let run_dir = self.run_dir(id);
         let mut suffix = [0u8; 4];
@@ -136,6 +139,7 @@ impl Manager {
         let _ = self.teardown_net(&rec).await;
         let _ = std::fs::remove_dir_all(&run_dir);
         self.store.delete(id).await?;
+        self.forget_credentials(id);
         if let Some(old) = replaced {
             self.remove_template_dir_if_unused(&old.dir).await;
         }

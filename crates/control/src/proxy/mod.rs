@@ -149,6 +149,7 @@ async fn openai(
 enum Refusal {
     Unauthenticated,
     NotGranted,
+    NotFound,
     BudgetSpent,
     Upstream,
 }
@@ -163,6 +164,7 @@ fn refuse(flavour: ModelFlavour, why: Refusal, message: String) -> Response {
         Refusal::NotGranted => {
             (StatusCode::FORBIDDEN, "permission_error", "invalid_request_error", "permission_denied")
         }
+        Refusal::NotFound => (StatusCode::NOT_FOUND, "not_found_error", "invalid_request_error", "unknown_url"),
         Refusal::BudgetSpent => {
             (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "insufficient_quota", "insufficient_quota")
         }
@@ -181,25 +183,40 @@ fn refuse(flavour: ModelFlavour, why: Refusal, message: String) -> Response {
     response
 }
 
-/// Hop-by-hop headers, and those the proxy sets itself.
-fn strip_request_header(name: &HeaderName) -> bool {
+/// Request headers passed upstream: what the APIs and their SDKs need, nothing that picks an
+/// account (`openai-organization`, `openai-project`), authenticates, or concerns the hop.
+/// `accept-encoding` is dropped too: answers must arrive uncompressed for their usage to be read.
+fn forward_request_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
     matches!(
-        name.as_str(),
-        "host"
-            | "authorization"
-            | "x-api-key"
-            | "content-length"
-            | "connection"
-            | "keep-alive"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            // Answers must arrive uncompressed for their usage to be read.
-            | "accept-encoding"
-    )
+        name,
+        "content-type"
+            | "accept"
+            | "user-agent"
+            | "anthropic-version"
+            | "anthropic-beta"
+            | "openai-beta"
+            | "idempotency-key"
+    ) || name.starts_with("x-stainless-")
+}
+
+/// The endpoints a sandbox may call. Everything the agents need (completions, token counts,
+/// model lists), and nothing that reads what the shared upstream account stores (files,
+/// batches, fine-tunes, stored responses), which would let one sandbox see another's data.
+fn endpoint_allowed(flavour: ModelFlavour, method: &Method, rest: &str) -> bool {
+    let segments: Vec<&str> = rest.split('/').collect();
+    if segments.iter().any(|s| s.is_empty() || *s == "." || *s == ".." || s.contains('\\')) {
+        return false;
+    }
+    let post = method == Method::POST;
+    let get = method == Method::GET;
+    match (flavour, segments.as_slice()) {
+        (ModelFlavour::Anthropic, ["v1", "messages"] | ["v1", "messages", "count_tokens"]) => post,
+        (ModelFlavour::Openai, ["v1", "chat", "completions"] | ["v1", "responses"] | ["v1", "completions"]) => post,
+        (ModelFlavour::Openai, ["v1", "embeddings"]) => post,
+        (_, ["v1", "models"] | ["v1", "models", _]) => get,
+        _ => false,
+    }
 }
 
 fn strip_response_header(name: &HeaderName) -> bool {
@@ -217,7 +234,8 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
     auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer ")).map(str::trim)
 }
 
-/// OpenAI streams report usage only when asked to; a budget needs it, so the proxy asks.
+/// OpenAI chat streams report usage only when asked to; metering needs it, so the proxy asks,
+/// whatever the request said.
 fn ask_for_stream_usage(rest: &str, body: &Bytes) -> Option<Bytes> {
     if !rest.ends_with("chat/completions") {
         return None;
@@ -228,7 +246,7 @@ fn ask_for_stream_usage(rest: &str, body: &Bytes) -> Option<Bytes> {
     }
     let options = v.as_object_mut()?.entry("stream_options").or_insert_with(|| json!({}));
     let options = options.as_object_mut()?;
-    if options.contains_key("include_usage") {
+    if options.get("include_usage") == Some(&Value::Bool(true)) {
         return None;
     }
     options.insert("include_usage".into(), Value::Bool(true));
@@ -243,6 +261,13 @@ async fn forward(manager: Arc<Manager>, flavour: ModelFlavour, req: Forward) -> 
             flavour,
             Refusal::Unauthenticated,
             "invalid proxy token: use the API key Torpor put in this sandbox's environment".into(),
+        );
+    }
+    if !endpoint_allowed(flavour, &req.method, &req.rest) {
+        return refuse(
+            flavour,
+            Refusal::NotFound,
+            format!("{} /{} is not served by the Torpor model proxy", req.method, req.rest),
         );
     }
     let Some(upstream) = manager.cfg.models.get(&flavour).cloned() else {
@@ -286,7 +311,7 @@ async fn forward(manager: Arc<Manager>, flavour: ModelFlavour, req: Forward) -> 
     }
     let body = ask_for_stream_usage(&req.rest, &req.body).unwrap_or(req.body);
     let mut builder = proxy.http.request(req.method.clone(), &url);
-    for (name, value) in req.headers.iter().filter(|(n, _)| !strip_request_header(n)) {
+    for (name, value) in req.headers.iter().filter(|(n, _)| forward_request_header(n)) {
         builder = builder.header(name, value);
     }
     builder = match flavour {
@@ -364,5 +389,51 @@ impl Drop for Meter {
         );
         let (manager, id) = (self.manager.clone(), self.id.clone());
         tokio::spawn(async move { manager.record_model_usage(&id, tally).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_completion_endpoints_are_served() {
+        let (a, o) = (ModelFlavour::Anthropic, ModelFlavour::Openai);
+        assert!(endpoint_allowed(a, &Method::POST, "v1/messages"));
+        assert!(endpoint_allowed(a, &Method::POST, "v1/messages/count_tokens"));
+        assert!(endpoint_allowed(o, &Method::POST, "v1/chat/completions"));
+        assert!(endpoint_allowed(o, &Method::POST, "v1/responses"));
+        assert!(endpoint_allowed(o, &Method::GET, "v1/models/gpt-x"));
+        assert!(!endpoint_allowed(a, &Method::GET, "v1/messages"));
+        assert!(!endpoint_allowed(o, &Method::GET, "v1/files"));
+        assert!(!endpoint_allowed(o, &Method::POST, "v1/batches"));
+        assert!(!endpoint_allowed(o, &Method::GET, "v1/responses/resp_1"));
+        assert!(!endpoint_allowed(a, &Method::POST, "v1/messages/../../admin"));
+        assert!(!endpoint_allowed(a, &Method::POST, "v1//messages"));
+        assert!(!endpoint_allowed(o, &Method::POST, "v1/chat/completions/"));
+    }
+
+    #[test]
+    fn usage_is_asked_for_in_chat_streams_whatever_the_request_said() {
+        let asked = |body: &str| {
+            ask_for_stream_usage("v1/chat/completions", &Bytes::from(body.to_owned()))
+                .map(|b| serde_json::from_slice::<Value>(&b).unwrap()["stream_options"]["include_usage"].clone())
+        };
+        assert_eq!(asked(r#"{"stream":true}"#), Some(Value::Bool(true)));
+        assert_eq!(asked(r#"{"stream":true,"stream_options":{"include_usage":false}}"#), Some(Value::Bool(true)));
+        assert_eq!(asked(r#"{"stream":true,"stream_options":{"include_usage":true}}"#), None);
+        assert_eq!(asked(r#"{"stream":false}"#), None);
+    }
+
+    #[test]
+    fn tokens_are_bound_to_their_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = ModelProxy::load_or_create(dir.path()).unwrap();
+        let token = proxy.token_for("sb-a");
+        assert!(proxy.token_ok("sb-a", &token));
+        assert!(!proxy.token_ok("sb-b", &token));
+        assert!(!proxy.token_ok("sb-a", "torpor-proxy-00"));
+        let again = ModelProxy::load_or_create(dir.path()).unwrap();
+        assert_eq!(again.token_for("sb-a"), token, "tokens survive a restart");
     }
 }

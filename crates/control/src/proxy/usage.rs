@@ -9,6 +9,9 @@ use serde_json::Value;
 pub struct Tally {
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Streamed pieces of output seen: each is at least one token, so a stream cut short
+    /// before its usage event still counts at least this many.
+    pub deltas: u64,
 }
 
 fn field(v: &Value, name: &str) -> u64 {
@@ -19,7 +22,15 @@ impl Tally {
     /// Folds in one JSON document: a whole answer or one streamed event, in Anthropic Messages,
     /// OpenAI chat completions or OpenAI responses format.
     pub fn observe(&mut self, v: &Value) {
-        let usage = match v.get("type").and_then(Value::as_str) {
+        let kind = v.get("type").and_then(Value::as_str);
+        let chat_delta = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.iter().any(|c| c["delta"]["content"].as_str().is_some_and(|t| !t.is_empty())));
+        if matches!(kind, Some("content_block_delta" | "response.output_text.delta")) || chat_delta {
+            self.deltas += 1;
+        }
+        let usage = match kind {
             Some("message_start") => v.get("message").and_then(|m| m.get("usage")),
             Some(t) if t.starts_with("response.") => v.get("response").and_then(|r| r.get("usage")),
             _ => v.get("usage"),
@@ -79,11 +90,13 @@ impl Scanner {
         }
     }
 
-    /// What the whole answer reported.
+    /// What the whole answer reported (for a stream cut short, at least one output token per
+    /// piece received).
     pub fn finish(self) -> Tally {
         match self {
             Self::Sse { mut line, mut tally } => {
                 sse_line(&mut line, &mut tally);
+                tally.output_tokens = tally.output_tokens.max(tally.deltas);
                 tally
             }
             Self::Json { body, overflow } => {
@@ -124,7 +137,7 @@ mod tests {
     #[test]
     fn anthropic_answers_whole_and_streamed() {
         let whole = r#"{"type":"message","usage":{"input_tokens":12,"cache_read_input_tokens":3,"output_tokens":7}}"#;
-        assert_eq!(scan("application/json", &[whole]), Tally { input_tokens: 15, output_tokens: 7 });
+        assert_eq!(scan("application/json", &[whole]), Tally { input_tokens: 15, output_tokens: 7, deltas: 0 });
         // Split mid-line and mid-event, as the network may deliver it.
         let stream = [
             "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
@@ -132,21 +145,26 @@ mod tests {
             "ta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\r\n\r\n",
             "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
         ];
-        assert_eq!(scan("text/event-stream; charset=utf-8", &stream), Tally { input_tokens: 25, output_tokens: 15 });
+        assert_eq!(
+            scan("text/event-stream; charset=utf-8", &stream),
+            Tally { input_tokens: 25, output_tokens: 15, deltas: 1 }
+        );
+        // Cut short before the usage event: one token per piece received.
+        assert_eq!(scan("text/event-stream", &stream[..2]), Tally { input_tokens: 25, output_tokens: 1, deltas: 1 });
     }
 
     #[test]
     fn openai_chat_and_responses() {
         let whole =
             r#"{"object":"chat.completion","usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}"#;
-        assert_eq!(scan("application/json", &[whole]), Tally { input_tokens: 9, output_tokens: 4 });
+        assert_eq!(scan("application/json", &[whole]), Tally { input_tokens: 9, output_tokens: 4, deltas: 0 });
         let chat = [
             "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":null}\n\n",
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
         ];
-        assert_eq!(scan("text/event-stream", &chat), Tally { input_tokens: 11, output_tokens: 2 });
+        assert_eq!(scan("text/event-stream", &chat), Tally { input_tokens: 11, output_tokens: 2, deltas: 1 });
         let responses = ["event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":30,\"output_tokens\":8}}}"];
-        assert_eq!(scan("text/event-stream", &responses), Tally { input_tokens: 30, output_tokens: 8 });
+        assert_eq!(scan("text/event-stream", &responses), Tally { input_tokens: 30, output_tokens: 8, deltas: 0 });
     }
 
     #[test]
