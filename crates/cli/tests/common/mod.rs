@@ -252,7 +252,12 @@ impl Daemon {
         let input = stdin.to_vec();
         let writer = std::thread::spawn(move || pipe.write_all(&input));
         let output = child.wait_with_output().unwrap();
-        writer.join().unwrap().expect("writing the CLI's stdin");
+        match writer.join().unwrap() {
+            // A command that ends without reading all its input ends the CLI too: the rest of
+            // the input has nowhere to go.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("writing the CLI's stdin: {e}"),
+            _ => {}
+        }
         output
     }
 
