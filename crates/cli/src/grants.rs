@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use torpor_control::config::ModelFlavour;
-use torpor_control::model::{GitHubGrant, ModelGrant};
+use torpor_control::model::{AgentConfig, GitHubGrant, ModelGrant};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct GrantArgs {
@@ -27,6 +27,14 @@ pub struct GrantArgs {
     /// (default from the daemon's config).
     #[arg(long = "model-budget", value_name = "TOKENS")]
     pub model_budget: Option<u64>,
+    /// The agent relayed messages go to: echo, command, claude-code or codex (default: the
+    /// template's).
+    #[arg(long = "agent", value_name = "ADAPTER", value_parser = ["echo", "command", "claude-code", "codex"])]
+    pub agent: Option<String>,
+    /// The agent's program and arguments, split at spaces (needed by `--agent command`;
+    /// optional for the others, whose CLI it replaces).
+    #[arg(long = "agent-command", value_name = "COMMAND", requires = "agent")]
+    pub agent_command: Option<String>,
 }
 
 impl GrantArgs {
@@ -48,6 +56,12 @@ impl GrantArgs {
             permissions.insert(name.to_owned(), level.to_owned());
         }
         Ok(Some(GitHubGrant { repositories: self.github_repos.clone(), permissions }))
+    }
+
+    pub fn agent(&self) -> Option<AgentConfig> {
+        let adapter = self.agent.clone()?;
+        let command = self.agent_command.as_deref().map(|c| c.split_whitespace().map(str::to_owned).collect());
+        Some(AgentConfig { adapter, command: command.unwrap_or_default(), ..Default::default() })
     }
 
     pub fn models(&self) -> Option<ModelGrant> {

@@ -63,6 +63,8 @@ pub struct TemplateFile {
     pub github: Option<torpor_control::model::GitHubGrant>,
     /// Model proxy access of its sandboxes (`providers`, `token_budget`).
     pub models: Option<torpor_control::model::ModelGrant>,
+    /// The agent its sandboxes run for relayed messages (`adapter`, `command`, `cwd`, `env`).
+    pub agent: Option<torpor_control::model::AgentConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,6 +327,7 @@ async fn build_in(
         secrets: spec.secrets.clone(),
         github: spec.github.clone(),
         models: spec.models.clone(),
+        agent: spec.agent.clone(),
     };
     let t: Template = client.json(Method::POST, "/v1/templates", Some(&req)).await.context("capturing the template")?;
     bar.inc(1);

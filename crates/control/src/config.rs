@@ -80,6 +80,10 @@ pub struct Config {
     /// Tokens (input + output) a sandbox may spend through the model proxy when neither its
     /// create request nor its template says; 0 = no limit.
     pub default_model_token_budget: u64,
+    /// Telegram Bot API root (replies of Telegram channels).
+    pub telegram_api_url: String,
+    /// Slack Web API root (replies of Slack channels).
+    pub slack_api_url: String,
 }
 
 /// A GitHub App installed on the account whose repositories sandboxes work on.
@@ -187,6 +191,8 @@ impl Default for Config {
             github: None,
             models: Default::default(),
             default_model_token_budget: 0,
+            telegram_api_url: "https://api.telegram.org".into(),
+            slack_api_url: "https://slack.com/api".into(),
         }
     }
 }

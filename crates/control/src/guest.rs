@@ -24,10 +24,13 @@ impl tonic::service::Interceptor for Auth {
 }
 
 pub type Client = SupervisorClient<InterceptedService<Channel, Auth>>;
+pub type AgentClient = torpor_proto::supervisor::agent_client::AgentClient<InterceptedService<Channel, Auth>>;
 
 #[derive(Clone)]
 pub struct GuestClient {
     client: Client,
+    /// The same connection, for the agent service.
+    agent: AgentClient,
 }
 
 impl GuestClient {
@@ -50,13 +53,19 @@ impl GuestClient {
             .http2_keep_alive_interval(Duration::from_secs(30));
         let channel = endpoint.connect_lazy();
         let header = format!("Bearer {secret}").parse().expect("hex secret is valid ASCII");
-        let client =
-            SupervisorClient::with_interceptor(channel, Auth { header }).max_decoding_message_size(16 * 1024 * 1024);
-        Self { client }
+        let auth = Auth { header };
+        let agent =
+            torpor_proto::supervisor::agent_client::AgentClient::with_interceptor(channel.clone(), auth.clone());
+        let client = SupervisorClient::with_interceptor(channel, auth).max_decoding_message_size(16 * 1024 * 1024);
+        Self { client, agent }
     }
 
     pub fn raw(&self) -> Client {
         self.client.clone()
+    }
+
+    pub fn agent(&self) -> AgentClient {
+        self.agent.clone()
     }
 
     pub async fn health(&self, timeout: Duration) -> Result<HealthResponse, Status> {

@@ -11,5 +11,6 @@ pub mod identity;
 pub mod manager;
 pub mod model;
 pub mod proxy;
+pub mod relay;
 pub mod server;
 pub mod store;

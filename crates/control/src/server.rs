@@ -68,8 +68,13 @@ pub async fn run(
     let listen = cfg.listen;
     let cfg = Arc::new(cfg);
     let manager = Manager::new(cfg.clone(), store, engine).map_err(|e| ServerError::Setup(e.message))?;
-    let app =
-        router(AppState { manager: manager.clone(), api_key: Arc::new(api_key), auth_failures: Default::default() });
+    let relay = crate::relay::Relay::new(manager.clone());
+    let app = router(AppState {
+        manager: manager.clone(),
+        api_key: Arc::new(api_key),
+        auth_failures: Default::default(),
+        relay,
+    });
     // Before reconcile: the sandboxes it adopts are served the API in their namespaces too.
     // The model proxy is served only there: it answers with the host's keys.
     manager.set_guest_api(app.clone().merge(crate::proxy::router(manager.clone())));

@@ -4,6 +4,7 @@
 //! `0.0.0.0:50051`. `torpor-guest serve --listen ADDR --secret-file FILE` runs only the API, for
 //! debugging the supervisor on a workstation.
 
+mod agent;
 mod exec;
 mod files;
 mod identity;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, RwLock};
+use torpor_proto::supervisor::agent_server::AgentServer;
 use torpor_proto::supervisor::supervisor_server::SupervisorServer;
 use torpor_proto::SUPERVISOR_PORT;
 
@@ -104,10 +106,15 @@ async fn serve(listen: SocketAddr, secret: String, is_init: bool) -> Result<bool
     // Ctrl-Alt-Del (and QEMU's `system_powerdown` on some machines) arrives at PID 1 as SIGINT.
     let mut sigint = signal(SignalKind::interrupt())?;
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agents = agent::Agents::new(service.reaper.clone(), service.default_env.clone());
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 SupervisorServer::new(service).max_decoding_message_size(16 * 1024 * 1024),
+                service::authenticator(secret.clone()),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                AgentServer::new(agent::AgentService(agents)),
                 service::authenticator(secret),
             ))
             .serve_with_shutdown(listen, async {

@@ -13,11 +13,14 @@
 //!
 //! Beside it, fakes of the outside services sandboxes are given credentials for, speaking their
 //! real wire formats and checking what the real ones check: [`FakeGitHub`] (GitHub App
-//! installation tokens) and [`FakeModels`] (the Anthropic Messages and OpenAI chat APIs).
+//! installation tokens), [`FakeModels`] (the Anthropic Messages and OpenAI chat APIs),
+//! [`FakeTelegram`] and [`FakeSlack`] (the chat platforms' reply APIs).
 
+mod chat;
 mod github;
 mod models;
 
+pub use chat::{slack_signature, FakeSlack, FakeTelegram, SlackPost, TelegramMessage};
 pub use github::{FakeGitHub, GitHubApp};
 pub use models::{FakeModels, ModelRequest};
 

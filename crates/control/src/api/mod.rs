@@ -1,6 +1,7 @@
 //! The REST API (axum). Every route under `/v1` except `/v1/health` and `/v1/openapi.json`
 //! needs `Authorization: Bearer <api key>`.
 
+mod channels;
 mod exec;
 mod files;
 mod network;
@@ -27,6 +28,7 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     pub api_key: Arc<String>,
     pub auth_failures: Arc<AuthFailures>,
+    pub relay: Arc<crate::relay::Relay>,
 }
 
 /// Failed authentications per client (its address; for a guest, its sandbox, since every guest
@@ -72,11 +74,13 @@ impl AuthFailures {
         sandboxes::pause, sandboxes::resume, sandboxes::connect, sandboxes::start, sandboxes::usage,
         network::get_network, network::put_network,
         templates::create, templates::list, templates::delete,
+        channels::create, channels::list, channels::get_one, channels::delete, channels::message,
         exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health, jwks
     ),
     components(schemas(
         Sandbox, crate::model::State, NetworkInfo, Usage, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
-        ErrorDetail, Template, CreateTemplate, NetworkPolicy, NetworkMode, NetworkStatus, ResolvedAddress, templates::TemplateList, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health
+        ErrorDetail, Template, CreateTemplate, NetworkPolicy, NetworkMode, NetworkStatus, ResolvedAddress, templates::TemplateList, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health,
+        Channel, CreateChannel, ChannelKind, ChannelMessage, AgentConfig, TelegramSecrets, SlackSecrets, channels::ChannelList
     )),
     modifiers(&BearerAuth)
 )]
@@ -114,11 +118,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/files", get(files::download).put(files::upload))
         .route("/v1/templates", post(templates::create).get(templates::list))
         .route("/v1/templates/{name}", axum::routing::delete(templates::delete))
+        .route("/v1/channels", post(channels::create).get(channels::list))
+        .route("/v1/channels/{name}", get(channels::get_one).delete(channels::delete))
+        .route("/v1/channels/{name}/messages", post(channels::message))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/.well-known/jwks.json", get(jwks))
         .route("/v1/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        // Called by Telegram and Slack, which prove themselves with the channel's secrets.
+        .route("/v1/hooks/telegram/{name}", post(channels::telegram))
+        .route("/v1/hooks/slack/{name}", post(channels::slack))
         .merge(authed)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(state)

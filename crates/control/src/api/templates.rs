@@ -33,6 +33,7 @@ pub async fn create(
         secrets: req.secrets,
         github: req.github.map(|g| g.validate(cfg)).transpose()?,
         models: req.models.map(|m| m.validate(cfg)).transpose()?,
+        agent: req.agent.map(|a| a.validate().map(|()| a)).transpose()?,
     };
     let t = tokio::spawn(async move { manager.capture(&req.name, &req.sandbox, defaults).await })
         .await

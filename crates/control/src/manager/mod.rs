@@ -175,6 +175,10 @@ impl Manager {
         }))
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn accelerator(&self) -> Option<String> {
         self.engine.as_ref().ok().map(|e| e.accel().to_string())
     }
@@ -283,6 +287,7 @@ impl Manager {
             secrets: rec.secrets.clone(),
             github: rec.github.clone(),
             models: rec.models.clone(),
+            agent: rec.agent.clone(),
             created_at: rec.created_at,
             updated_at: rec.updated_at,
         }
@@ -358,6 +363,9 @@ impl Manager {
         if req.models.is_none() {
             rec.models = template.models.clone();
         }
+        if req.agent.is_none() {
+            rec.agent = template.agent.clone();
+        }
         self.finish_create(rec, |rec| async move { self.clone_template(&engine, &rec, &template).await }).await
     }
 
@@ -404,6 +412,7 @@ impl Manager {
             secrets: req.secrets.clone().unwrap_or_default(),
             github: req.github.clone(),
             models: req.models.clone(),
+            agent: req.agent.clone(),
         }
     }
 

@@ -38,6 +38,7 @@ impl Manager {
             secrets: t.secrets.clone(),
             github: t.github.clone(),
             models: t.models.clone(),
+            agent: t.agent.clone(),
             created_at: t.created_at,
         }
     }
@@ -72,6 +73,7 @@ impl Manager {
             secrets: None,
             github: None,
             models: None,
+            agent: None,
         };
         let sandbox = self.create_cold(engine, req).await?;
         let defaults = TemplateDefaults { processes: vec!["torpor-guest".into()], ..Default::default() };
@@ -130,6 +132,7 @@ impl Manager {
             secrets: defaults.secrets,
             github: defaults.github,
             models: defaults.models,
+            agent: defaults.agent,
             created_at: Utc::now(),
         };
         let _templates = self.templates_lock.write().await;

@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::model::{GitHubGrant, ModelGrant, NetworkPolicy, State};
+mod channels;
+
+use crate::model::{AgentConfig, GitHubGrant, ModelGrant, NetworkPolicy, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -54,6 +56,7 @@ pub struct Record {
     pub secrets: Vec<String>,
     pub github: Option<GitHubGrant>,
     pub models: Option<ModelGrant>,
+    pub agent: Option<AgentConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +72,7 @@ pub struct TemplateRecord {
     pub secrets: Vec<String>,
     pub github: Option<GitHubGrant>,
     pub models: Option<ModelGrant>,
+    pub agent: Option<AgentConfig>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -152,8 +156,8 @@ impl Store {
             return Err(StoreError::PoolExhausted(capacity));
         }
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network, disk_mib, secrets, github, models)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, reason, template, image_dir, vcpus, memory_mib, env, slot, pid, accel, created_at, updated_at, idle_timeout_secs, template_dir, network, disk_mib, secrets, github, models, agent)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(rec.state.as_str())
@@ -175,6 +179,7 @@ impl Store {
         .bind(serde_json::to_string(&rec.secrets).expect("names serialise"))
         .bind(rec.github.as_ref().map(|g| serde_json::to_string(g).expect("grant serialises")))
         .bind(rec.models.as_ref().map(|m| serde_json::to_string(m).expect("grant serialises")))
+        .bind(rec.agent.as_ref().map(|a| serde_json::to_string(a).expect("agent serialises")))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -282,7 +287,7 @@ impl Store {
 
     pub async fn insert_template(&self, t: &TemplateRecord) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
-        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, secrets, github, models, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, secrets, github, models, agent, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(&t.name)
             .bind(&t.dir)
             .bind(&t.image_dir)
@@ -293,6 +298,7 @@ impl Store {
             .bind(serde_json::to_string(&t.secrets).expect("names serialise"))
             .bind(t.github.as_ref().map(|g| serde_json::to_string(g).expect("grant serialises")))
             .bind(t.models.as_ref().map(|m| serde_json::to_string(m).expect("grant serialises")))
+            .bind(t.agent.as_ref().map(|a| serde_json::to_string(a).expect("agent serialises")))
             .bind(t.created_at.to_rfc3339())
             .execute(&self.pool)
             .await?;
@@ -405,6 +411,7 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Record, StoreError> {
             .map_err(|e| corrupt(format!("secrets: {e}")))?,
         github: json_column(row, "github").map_err(corrupt)?,
         models: json_column(row, "models").map_err(corrupt)?,
+        agent: json_column(row, "agent").map_err(corrupt)?,
         id,
     })
 }
@@ -426,6 +433,7 @@ fn decode_template(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, Stor
             .map_err(|e| corrupt(format!("secrets: {e}")))?,
         github: json_column(row, "github").map_err(corrupt)?,
         models: json_column(row, "models").map_err(corrupt)?,
+        agent: json_column(row, "agent").map_err(corrupt)?,
         created_at: DateTime::parse_from_rfc3339(&created)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| corrupt(e.to_string()))?,
@@ -471,6 +479,7 @@ mod tests {
             secrets: Vec::new(),
             github: None,
             models: None,
+            agent: None,
         }
     }
 

@@ -8,8 +8,13 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::config::{Config, ModelFlavour};
+use crate::config::Config;
 use crate::error::ApiError;
+
+mod channels;
+mod grants;
+pub use channels::*;
+pub use grants::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -107,6 +112,8 @@ pub struct Sandbox {
     pub github: Option<GitHubGrant>,
     /// The model APIs it reaches through the proxy, if any, and its token budget.
     pub models: Option<ModelGrant>,
+    /// The agent its supervisor runs for relayed messages, if any.
+    pub agent: Option<AgentConfig>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -141,6 +148,8 @@ pub struct CreateSandbox {
     /// Model APIs through the proxy (`ANTHROPIC_BASE_URL` + `ANTHROPIC_API_KEY`, `OPENAI_…`);
     /// the template's if omitted.
     pub models: Option<ModelGrant>,
+    /// The agent relayed messages go to; the template's if omitted.
+    pub agent: Option<AgentConfig>,
 }
 
 /// A create request with defaults filled in and every field checked.
@@ -161,6 +170,7 @@ pub struct ValidCreate {
     pub github: Option<GitHubGrant>,
     /// With its providers and budget resolved.
     pub models: Option<ModelGrant>,
+    pub agent: Option<AgentConfig>,
 }
 
 /// Longest idle timeout accepted: 30 days (0 means never, for longer).
@@ -205,7 +215,11 @@ impl CreateSandbox {
         }
         let github = self.github.map(|g| g.validate(cfg)).transpose()?;
         let models = self.models.map(|m| m.validate(cfg)).transpose()?;
+        if let Some(agent) = &self.agent {
+            agent.validate()?;
+        }
         Ok(ValidCreate {
+            agent: self.agent,
             github,
             models,
             secrets: self.secrets,
@@ -338,6 +352,8 @@ pub struct Template {
     pub github: Option<GitHubGrant>,
     /// Model proxy access its sandboxes receive unless they give their own.
     pub models: Option<ModelGrant>,
+    /// The agent its sandboxes run.
+    pub agent: Option<AgentConfig>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -359,6 +375,8 @@ pub struct CreateTemplate {
     pub github: Option<GitHubGrant>,
     /// Model proxy access its sandboxes receive by default.
     pub models: Option<ModelGrant>,
+    /// The agent its sandboxes run (`adapter`, `command`, `cwd`, `env`).
+    pub agent: Option<AgentConfig>,
 }
 
 /// What a template hands its sandboxes unless their create request says otherwise.
@@ -369,122 +387,7 @@ pub struct TemplateDefaults {
     pub secrets: Vec<String>,
     pub github: Option<GitHubGrant>,
     pub models: Option<ModelGrant>,
-}
-
-/// The scope of a sandbox's GitHub App installation token.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GitHubGrant {
-    /// Repositories of the app's installation the token may reach (`name` or `owner/name`);
-    /// empty: every repository the installation reaches.
-    #[serde(default)]
-    pub repositories: Vec<String>,
-    /// GitHub App permissions, e.g. `{"contents": "write", "pull_requests": "write"}`; empty:
-    /// all of the installation's.
-    #[serde(default)]
-    pub permissions: BTreeMap<String, String>,
-}
-
-/// GitHub refuses more in one token.
-const MAX_GITHUB_REPOSITORIES: usize = 500;
-
-impl GitHubGrant {
-    pub fn validate(self, cfg: &Config) -> Result<Self, ApiError> {
-        if cfg.github.is_none() {
-            return Err(ApiError::invalid(
-                "github credentials were asked for, but the daemon has no GitHub App configured ([github] in its config)",
-            ));
-        }
-        if self.repositories.len() > MAX_GITHUB_REPOSITORIES {
-            return Err(ApiError::invalid(format!("at most {MAX_GITHUB_REPOSITORIES} github repositories")));
-        }
-        let part_ok = |p: &str| {
-            !p.is_empty()
-                && p.len() <= 100
-                && p != "."
-                && p != ".."
-                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
-        for repo in &self.repositories {
-            let ok = match repo.split_once('/') {
-                Some((owner, name)) => part_ok(owner) && part_ok(name),
-                None => part_ok(repo),
-            };
-            if !ok {
-                return Err(ApiError::invalid(format!(
-                    "github repository {repo:?} must be a name or owner/name (letters, digits, -, _, .)"
-                )));
-            }
-        }
-        for (permission, level) in &self.permissions {
-            if permission.is_empty()
-                || permission.len() > 64
-                || !permission.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-            {
-                return Err(ApiError::invalid(format!(
-                    "github permission {permission:?} must be a GitHub App permission name such as contents or pull_requests"
-                )));
-            }
-            if !["read", "write", "admin"].contains(&level.as_str()) {
-                return Err(ApiError::invalid(format!(
-                    "github permission {permission} must be read, write or admin, got {level:?}"
-                )));
-            }
-        }
-        Ok(self)
-    }
-
-    /// Repository names as the token request wants them (the installation fixes the owner).
-    pub fn repository_names(&self) -> Vec<String> {
-        self.repositories.iter().map(|r| r.rsplit('/').next().unwrap_or(r).to_owned()).collect()
-    }
-}
-
-/// A sandbox's access to the model proxy.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ModelGrant {
-    /// Which of the daemon's configured model APIs; all of them if omitted.
-    pub providers: Option<Vec<ModelFlavour>>,
-    /// Tokens (input + output) the sandbox may spend; the daemon's
-    /// `default_model_token_budget` if omitted; 0 = no limit.
-    pub token_budget: Option<u64>,
-}
-
-impl ModelGrant {
-    /// Fills in providers and budget; every provider must be configured.
-    pub fn validate(self, cfg: &Config) -> Result<Self, ApiError> {
-        let configured: Vec<ModelFlavour> = cfg.models.keys().copied().collect();
-        if configured.is_empty() {
-            return Err(ApiError::invalid(
-                "model access was asked for, but the daemon has no model upstream configured ([models.anthropic] or [models.openai] in its config)",
-            ));
-        }
-        let mut providers = self.providers.unwrap_or_else(|| configured.clone());
-        providers.sort();
-        providers.dedup();
-        if let Some(missing) = providers.iter().find(|p| !configured.contains(p)) {
-            let names: Vec<&str> = configured.iter().map(|p| p.as_str()).collect();
-            return Err(ApiError::invalid(format!(
-                "model provider {} is not configured on the daemon; it has: {}",
-                missing.as_str(),
-                names.join(", ")
-            )));
-        }
-        Ok(Self {
-            providers: Some(providers),
-            token_budget: Some(self.token_budget.unwrap_or(cfg.default_model_token_budget)),
-        })
-    }
-
-    pub fn allows(&self, flavour: ModelFlavour) -> bool {
-        self.providers.as_ref().is_some_and(|p| p.contains(&flavour))
-    }
-
-    /// `None`: no limit.
-    pub fn budget(&self) -> Option<u64> {
-        self.token_budget.filter(|b| *b > 0)
-    }
+    pub agent: Option<AgentConfig>,
 }
 
 pub fn validate_env_name(key: &str) -> Result<(), ApiError> {

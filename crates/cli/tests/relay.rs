@@ -1,0 +1,323 @@
+//! The relay, end to end: messages on HTTP, Telegram and Slack channels reach the agent in a
+//! real sandbox (waking it when paused), replies come back the way the message came, and
+//! duplicates, bursts, bad signatures and sandboxes that cannot wake are handled. Telegram and
+//! Slack are local fakes (torpor-lab) that check what the real APIs check.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{wait_for, Daemon, Options};
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use torpor_lab::{slack_signature, FakeSlack, FakeTelegram};
+
+fn private_file(dir: &Path, name: &str, value: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{value}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.display().to_string()
+}
+
+/// (event name, data, arrival) of each server-sent event of an HTTP channel reply.
+async fn send(d: &Daemon, channel: &str, body: Value) -> (StatusCode, Vec<(String, Value, Instant)>) {
+    let resp = d.request(Method::POST, &format!("/v1/channels/{channel}/messages")).json(&body).send().await.unwrap();
+    let status = resp.status();
+    if !status.is_success() {
+        return (status, vec![(String::new(), resp.json().await.unwrap_or(Value::Null), Instant::now())]);
+    }
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            if !name.is_empty() {
+                events.push((name, serde_json::from_str(&data).unwrap_or(Value::Null), Instant::now()));
+            }
+        }
+    }
+    (status, events)
+}
+
+fn done(events: &[(String, Value, Instant)]) -> Value {
+    let last = events.last().expect("no events");
+    assert_eq!(last.0, "done", "the reply did not finish: {:?}", events.iter().map(|e| &e.1).collect::<Vec<_>>());
+    last.1.clone()
+}
+
+async fn create_channel(d: &Daemon, spec: Value) -> Value {
+    let (status, body) = d.call(Method::POST, "/v1/channels", Some(spec)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body
+}
+
+async fn pause(d: &Daemon, id: &str) {
+    let (status, body) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn http_channel_wakes_its_sandbox_continues_the_conversation_and_streams() {
+    let d = Daemon::start().await;
+    create_channel(&d, json!({"name": "web", "kind": "http", "agent": {"adapter": "echo"}, "idle_timeout_secs": 0}))
+        .await;
+
+    // The first message makes the conversation's sandbox.
+    let (status, events) = send(&d, "web", json!({"conversation": "c1", "text": "hello"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let first = done(&events);
+    assert_eq!(
+        (first["text"].as_str(), first["turn"].as_u64(), first["woke"].as_bool()),
+        (Some("echo: hello"), Some(1), Some(false))
+    );
+    let sandbox = first["sandbox"].as_str().unwrap().to_owned();
+
+    // Paused, it wakes for the next message, and the agent's conversation goes on.
+    pause(&d, &sandbox).await;
+    let (_, events) = send(&d, "web", json!({"conversation": "c1", "text": "again"})).await;
+    assert_eq!(events[0].0, "waking", "{events:?}");
+    let second = done(&events);
+    assert_eq!(
+        (second["text"].as_str(), second["turn"].as_u64(), second["woke"].as_bool()),
+        (Some("echo: again"), Some(2), Some(true))
+    );
+    assert_eq!(second["session"], first["session"], "the same agent session");
+    assert_eq!(second["sandbox"], sandbox.as_str());
+    // Another conversation gets a sandbox of its own.
+    let (_, events) = send(&d, "web", json!({"conversation": "c2", "text": "x"})).await;
+    assert_ne!(done(&events)["sandbox"], sandbox.as_str());
+
+    // An idempotency key is delivered once.
+    let (status, _) = send(&d, "web", json!({"conversation": "c1", "text": "once", "idempotency_key": "k-1"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = send(&d, "web", json!({"conversation": "c1", "text": "once", "idempotency_key": "k-1"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body:?}");
+
+    // The `command` adapter: a program's partial output streams as it is written.
+    let script = r#"read line; for i in 1 2 3; do echo "{\"type\":\"text\",\"text\":\"part$i \"}"; sleep 0.4; done; echo '{"type":"tool","name":"grep","detail":"pattern"}'; echo '{"type":"done","session":"cmd-1"}'"#;
+    create_channel(
+        &d,
+        json!({"name": "cmd", "kind": "http", "sandbox": sandbox, "agent": {"adapter": "command", "command": ["sh", "-c", script]}}),
+    )
+    .await;
+    let (_, events) = send(&d, "cmd", json!({"text": "go"})).await;
+    let texts: Vec<&(String, Value, Instant)> = events.iter().filter(|e| e.0 == "text").collect();
+    assert_eq!(texts.len(), 3, "{events:?}");
+    let spread = texts[2].2 - texts[0].2;
+    assert!(spread >= Duration::from_millis(600), "parts arrived together ({spread:?}): the reply was buffered");
+    assert!(events.iter().any(|e| e.0 == "tool" && e.1["name"] == "grep"));
+    let end = done(&events);
+    assert_eq!((end["text"].as_str(), end["session"].as_str()), (Some("part1 part2 part3 "), Some("cmd-1")));
+
+    // Bad input.
+    for (body, want) in [
+        (json!({"text": ""}), StatusCode::BAD_REQUEST),
+        (json!({"text": "x", "conversation": ""}), StatusCode::BAD_REQUEST),
+        (json!({"txt": "x"}), StatusCode::BAD_REQUEST),
+    ] {
+        assert_eq!(send(&d, "web", body.clone()).await.0, want, "{body}");
+    }
+    assert_eq!(send(&d, "nope", json!({"text": "x"})).await.0, StatusCode::NOT_FOUND);
+    let (status, body) = d.call(Method::POST, "/v1/channels", Some(json!({"name": "web", "kind": "http"}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/channels",
+            Some(json!({"name": "t", "kind": "telegram", "agent": {"adapter": "echo"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = d
+        .call(Method::POST, "/v1/channels", Some(json!({"name": "a", "kind": "http", "agent": {"adapter": "gpt"}})))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn a_sandbox_that_cannot_wake_gets_an_error_reply_not_silence() {
+    let d = Daemon::start().await;
+    let sandbox = d.create(json!({"idle_timeout_secs": 0})).await;
+    let id = sandbox["id"].as_str().unwrap().to_owned();
+    create_channel(&d, json!({"name": "web", "kind": "http", "sandbox": id, "agent": {"adapter": "echo"}})).await;
+    pause(&d, &id).await;
+    // Its snapshot is gone: the resume cannot succeed.
+    std::fs::remove_file(d.sandbox_dir(&id).join("state.bin")).unwrap();
+    let (_, events) = send(&d, "web", json!({"text": "are you there?"})).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.0, "error", "{events:?}");
+    assert!(last.1["message"].as_str().unwrap().contains("could not be woken up"), "{:?}", last.1);
+}
+
+struct Chat {
+    d: Daemon,
+    _secrets: tempfile::TempDir,
+}
+
+/// A daemon whose Telegram and Slack replies go to the fakes, with the secrets they need.
+async fn chat_daemon(telegram: &FakeTelegram, slack: &FakeSlack) -> Chat {
+    let secrets = tempfile::tempdir().unwrap();
+    let config = format!(
+        "telegram_api_url = \"{}\"\nslack_api_url = \"{}\"\n\
+         [secrets.TG_TOKEN]\nfile = \"{}\"\n[secrets.TG_HOOK]\nfile = \"{}\"\n\
+         [secrets.SLACK_TOKEN]\nfile = \"{}\"\n[secrets.SLACK_SIGNING]\nfile = \"{}\"\n",
+        telegram.url,
+        slack.url,
+        private_file(secrets.path(), "tg-token", "123:bot-token"),
+        private_file(secrets.path(), "tg-hook", "hook-secret"),
+        private_file(secrets.path(), "slack-token", "xoxb-test"),
+        private_file(secrets.path(), "slack-signing", "signing-secret"),
+    );
+    let d = Daemon::start_with(Options { extra_config: config, ..Default::default() }).await;
+    Chat { d, _secrets: secrets }
+}
+
+async fn telegram_update(
+    d: &Daemon,
+    secret: &str,
+    update_id: i64,
+    chat: i64,
+    message_id: i64,
+    text: &str,
+) -> StatusCode {
+    let update = json!({"update_id": update_id, "message": {"message_id": message_id, "date": 0,
+        "chat": {"id": chat, "type": "private"}, "from": {"id": 7, "is_bot": false, "first_name": "U"}, "text": text}});
+    reqwest::Client::new()
+        .post(format!("{}/v1/hooks/telegram/tg", d.url))
+        .header("X-Telegram-Bot-Api-Secret-Token", secret)
+        .json(&update)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn telegram_wakes_a_paused_sandbox_answers_once_and_in_order() {
+    let telegram = FakeTelegram::start("123:bot-token").await.unwrap();
+    let slack = FakeSlack::start("xoxb-test").await.unwrap();
+    let chat = chat_daemon(&telegram, &slack).await;
+    let d = &chat.d;
+    create_channel(
+        d,
+        json!({"name": "tg", "kind": "telegram", "agent": {"adapter": "echo"}, "idle_timeout_secs": 0,
+               "telegram": {"bot_token": "TG_TOKEN", "webhook_secret": "TG_HOOK"}}),
+    )
+    .await;
+    // Updates without the webhook secret are refused.
+    assert_eq!(telegram_update(d, "wrong", 1, 42, 100, "hi").await, StatusCode::UNAUTHORIZED);
+
+    assert_eq!(telegram_update(d, "hook-secret", 1, 42, 100, "hi").await, StatusCode::OK);
+    wait_for("the first reply", Duration::from_secs(60), || telegram.messages().len() == 1).await;
+    let reply = &telegram.messages()[0];
+    assert_eq!((reply.chat_id, reply.reply_to, reply.text.as_str()), (42, Some(100), "echo: hi"));
+
+    // A redelivered update is answered once: the next one's reply is the only new message.
+    assert_eq!(telegram_update(d, "hook-secret", 1, 42, 100, "hi").await, StatusCode::OK);
+    assert_eq!(telegram_update(d, "hook-secret", 2, 42, 101, "next").await, StatusCode::OK);
+    wait_for("the second reply", Duration::from_secs(30), || telegram.messages().len() >= 2).await;
+    let texts: Vec<String> = telegram.messages().iter().map(|m| m.text.clone()).collect();
+    assert_eq!(texts, ["echo: hi", "echo: next"]);
+
+    // Paused; a burst of 20 arrives while it wakes; all are answered, in order, and a 429 from
+    // Telegram on the way is waited out.
+    let sandboxes = d.list_ids().await;
+    assert_eq!(sandboxes.len(), 1);
+    pause(d, &sandboxes[0]).await;
+    telegram.refuse_next(1);
+    for i in 0..20 {
+        assert_eq!(telegram_update(d, "hook-secret", 10 + i, 42, 200 + i, &format!("m{i}")).await, StatusCode::OK);
+    }
+    wait_for("20 replies", Duration::from_secs(120), || telegram.messages().len() >= 22).await;
+    let burst: Vec<String> = telegram.messages()[2..].iter().map(|m| m.text.clone()).collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("echo: m{i}")).collect();
+    assert_eq!(burst, expected);
+    assert_eq!(telegram.refused(), 1);
+    let replied_to: Vec<Option<i64>> = telegram.messages()[2..].iter().map(|m| m.reply_to).collect();
+    assert_eq!(replied_to, (200..220).map(Some).collect::<Vec<_>>());
+}
+
+async fn slack_event(d: &Daemon, secret: &str, timestamp: i64, body: &Value) -> reqwest::Response {
+    let raw = serde_json::to_vec(body).unwrap();
+    let ts = timestamp.to_string();
+    reqwest::Client::new()
+        .post(format!("{}/v1/hooks/slack/sl", d.url))
+        .header("X-Slack-Request-Timestamp", &ts)
+        .header("X-Slack-Signature", slack_signature(secret, &ts, &raw))
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn message_event(event_id: &str, ts: &str, text: &str) -> Value {
+    json!({"type": "event_callback", "event_id": event_id, "team_id": "T1",
+           "event": {"type": "message", "channel": "C1", "user": "U1", "text": text, "ts": ts}})
+}
+
+#[tokio::test]
+async fn slack_events_are_verified_answered_in_their_thread_and_deduplicated() {
+    let telegram = FakeTelegram::start("123:bot-token").await.unwrap();
+    let slack = FakeSlack::start("xoxb-test").await.unwrap();
+    let chat = chat_daemon(&telegram, &slack).await;
+    let d = &chat.d;
+    create_channel(
+        d,
+        json!({"name": "sl", "kind": "slack", "agent": {"adapter": "echo"}, "idle_timeout_secs": 0,
+               "slack": {"bot_token": "SLACK_TOKEN", "signing_secret": "SLACK_SIGNING"}}),
+    )
+    .await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+
+    // URL verification, then signatures: wrong secret, stale timestamp, none at all.
+    let resp = slack_event(d, "signing-secret", now, &json!({"type": "url_verification", "challenge": "abc"})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.json::<Value>().await.unwrap()["challenge"], "abc");
+    let event = message_event("Ev1", "1700000001.000100", "hello slack");
+    assert_eq!(slack_event(d, "not-the-secret", now, &event).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(slack_event(d, "signing-secret", now - 600, &event).await.status(), StatusCode::UNAUTHORIZED);
+    let unsigned =
+        reqwest::Client::new().post(format!("{}/v1/hooks/slack/sl", d.url)).json(&event).send().await.unwrap();
+    assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+    assert!(slack.posts().is_empty());
+
+    // A message is acknowledged at once and answered in its thread.
+    let started = Instant::now();
+    assert_eq!(slack_event(d, "signing-secret", now, &event).await.status(), StatusCode::OK);
+    let acked = started.elapsed();
+    wait_for("the Slack reply", Duration::from_secs(60), || !slack.posts().is_empty()).await;
+    let post = &slack.posts()[0];
+    assert!(post.at - started > acked, "the event must be acknowledged before the reply is posted");
+    assert_eq!(
+        (post.channel.as_str(), post.thread_ts.as_deref(), post.text.as_str()),
+        ("C1", Some("1700000001.000100"), "echo: hello slack")
+    );
+
+    // Slack's retry of the same event, and a bot's message, get no reply; the next one does,
+    // through a 429 from Slack.
+    assert_eq!(slack_event(d, "signing-secret", now, &event).await.status(), StatusCode::OK);
+    let mut from_bot = message_event("Ev2", "1700000002.000100", "I am a bot");
+    from_bot["event"]["bot_id"] = json!("B1");
+    assert_eq!(slack_event(d, "signing-secret", now, &from_bot).await.status(), StatusCode::OK);
+    slack.refuse_next(1);
+    let next = message_event("Ev3", "1700000003.000100", "and again");
+    assert_eq!(slack_event(d, "signing-secret", now, &next).await.status(), StatusCode::OK);
+    wait_for("the second Slack reply", Duration::from_secs(60), || slack.posts().len() >= 2).await;
+    let texts: Vec<String> = slack.posts().iter().map(|p| p.text.clone()).collect();
+    assert_eq!(texts, ["echo: hello slack", "echo: and again"]);
+}

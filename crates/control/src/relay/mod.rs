@@ -1,0 +1,342 @@
+//! The relay: a message arrives on a channel (HTTP, Telegram, Slack) → the conversation's
+//! sandbox is found (or created from the channel's template) → resumed if paused → the message
+//! goes to its agent → the reply streams back the way the message came. Messages of one
+//! conversation queue and are delivered one at a time, in the order they arrived, so a burst
+//! that lands while the sandbox wakes is answered in order. Delivery keys (Telegram
+//! `update_id`, Slack `event_id`, HTTP idempotency keys) are remembered, so a redelivered
+//! message is answered once. After the reply the sandbox's normal idle timeout applies.
+
+mod slack;
+mod telegram;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use torpor_proto::supervisor::{agent_event, AgentSpec, DeliverRequest};
+
+pub use slack::verify_slack_signature;
+
+use crate::error::ApiError;
+use crate::manager::Manager;
+use crate::model::{AgentConfig, Channel, CreateSandbox, State};
+
+/// What an HTTP channel streams back (as server-sent events, `event:` = the variant).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelayEvent {
+    /// The sandbox is being woken (it was paused).
+    Waking {
+        sandbox: String,
+    },
+    Text {
+        text: String,
+    },
+    Tool {
+        name: String,
+        detail: String,
+    },
+    Done {
+        text: String,
+        session: String,
+        turn: u64,
+        sandbox: String,
+        woke: bool,
+        wake_ms: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl RelayEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Waking { .. } => "waking",
+            Self::Text { .. } => "text",
+            Self::Tool { .. } => "tool",
+            Self::Done { .. } => "done",
+            Self::Error { .. } => "error",
+        }
+    }
+}
+
+/// Where a reply goes.
+pub enum Reply {
+    Http(mpsc::Sender<RelayEvent>),
+    Telegram { chat_id: i64, reply_to: i64 },
+    Slack { channel: String, thread_ts: String },
+}
+
+struct Job {
+    channel: Channel,
+    conversation: String,
+    text: String,
+    reply: Reply,
+}
+
+pub struct Relay {
+    manager: Arc<Manager>,
+    http: reqwest::Client,
+    queues: Mutex<HashMap<(String, String), mpsc::UnboundedSender<Job>>>,
+}
+
+/// Whether a message was taken or had been seen before.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Submitted {
+    Queued,
+    Duplicate,
+}
+
+impl Relay {
+    pub fn new(manager: Arc<Manager>) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("torpor-relay/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("the relay's HTTP client builds");
+        Arc::new(Self { manager, http, queues: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
+
+    /// Queues a message behind the conversation's earlier ones; `key` de-duplicates.
+    pub async fn submit(
+        self: &Arc<Self>,
+        channel: &Channel,
+        conversation: &str,
+        key: Option<&str>,
+        text: String,
+        reply: Reply,
+    ) -> Result<Submitted, ApiError> {
+        if let Some(key) = key {
+            if !self.manager.store().first_delivery(&channel.spec.name, key).await? {
+                tracing::info!(channel = %channel.spec.name, %key, "duplicate delivery ignored");
+                return Ok(Submitted::Duplicate);
+            }
+        }
+        let job = Job { channel: channel.clone(), conversation: conversation.to_owned(), text, reply };
+        let mut queues = self.queues.lock().expect("relay queues poisoned");
+        let queue_key = (channel.spec.name.clone(), conversation.to_owned());
+        // A queue whose worker has retired hands the job back.
+        let job = match queues.get(&queue_key) {
+            Some(queue) => match queue.send(job) {
+                Ok(()) => return Ok(Submitted::Queued),
+                Err(mpsc::error::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(job);
+        queues.insert(queue_key.clone(), tx);
+        tokio::spawn(self.clone().worker(queue_key, rx));
+        Ok(Submitted::Queued)
+    }
+
+    /// Delivers one conversation's messages in order; ends when its queue has been empty a while.
+    async fn worker(self: Arc<Self>, key: (String, String), mut rx: mpsc::UnboundedReceiver<Job>) {
+        loop {
+            let job = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Some(job)) => job,
+                Ok(None) => return,
+                Err(_) => {
+                    // Idle: retire, unless a message slipped in meanwhile.
+                    let mut queues = self.queues.lock().expect("relay queues poisoned");
+                    match rx.try_recv() {
+                        Ok(job) => {
+                            drop(queues);
+                            self.handle(job).await;
+                            continue;
+                        }
+                        Err(_) => {
+                            queues.remove(&key);
+                            return;
+                        }
+                    }
+                }
+            };
+            self.handle(job).await;
+        }
+    }
+
+    async fn handle(&self, job: Job) {
+        let name = job.channel.spec.name.clone();
+        let mut sink = match &job.reply {
+            Reply::Http(tx) => Sink::Http(tx.clone()),
+            Reply::Telegram { chat_id, reply_to } => match telegram::Sink::new(self, &job.channel, *chat_id, *reply_to)
+            {
+                Ok(s) => Sink::Telegram(Box::new(s)),
+                Err(e) => return tracing::error!(channel = %name, error = %e, "cannot reply on Telegram"),
+            },
+            Reply::Slack { channel, thread_ts } => match slack::Sink::new(self, &job.channel, channel, thread_ts) {
+                Ok(s) => Sink::Slack(Box::new(s)),
+                Err(e) => return tracing::error!(channel = %name, error = %e, "cannot reply on Slack"),
+            },
+        };
+        let started = Instant::now();
+        if let Err(message) = self.run(&job, &mut sink).await {
+            tracing::warn!(channel = %name, conversation = %job.conversation, %message, "relayed message failed");
+            sink.event(RelayEvent::Error { message }).await;
+        }
+        tracing::info!(channel = %name, ms = started.elapsed().as_millis() as u64, "relayed message answered");
+    }
+
+    async fn run(&self, job: &Job, sink: &mut Sink) -> Result<(), String> {
+        let (sandbox, agent) = self.sandbox_for(job).await?;
+        let was_paused = self.manager.get(&sandbox).await.map(|s| s.state == State::Paused).unwrap_or(false);
+        if was_paused {
+            sink.event(RelayEvent::Waking { sandbox: sandbox.clone() }).await;
+        }
+        let woke_at = Instant::now();
+        let live =
+            self.manager.running(&sandbox).await.map_err(|e| {
+                format!("Sorry, the sandbox for this conversation could not be woken up: {}", e.message)
+            })?;
+        let wake_ms = woke_at.elapsed().as_millis() as u64;
+        let _busy = live.busy();
+        let request = DeliverRequest {
+            agent: Some(AgentSpec {
+                adapter: agent.adapter.clone(),
+                command: agent.command.clone(),
+                cwd: agent.cwd.clone().unwrap_or_default(),
+                env: agent.env.clone().into_iter().collect(),
+            }),
+            conversation: format!("{}/{}", job.channel.spec.name, job.conversation),
+            text: job.text.clone(),
+        };
+        let mut stream = live
+            .guest
+            .agent()
+            .deliver(request)
+            .await
+            .map_err(|e| format!("the sandbox's agent refused the message: {}", e.message()))?
+            .into_inner();
+        loop {
+            let event = stream.message().await.map_err(|e| format!("the agent's answer broke off: {}", e.message()))?;
+            let Some(kind) = event.and_then(|e| e.kind) else {
+                return Err("the agent ended without an answer".into());
+            };
+            let event = match kind {
+                agent_event::Kind::Text(t) => RelayEvent::Text { text: t.text },
+                agent_event::Kind::Tool(t) => RelayEvent::Tool { name: t.name, detail: t.detail },
+                agent_event::Kind::Error(e) => return Err(format!("the agent failed: {}", e.message)),
+                agent_event::Kind::Done(d) => {
+                    let done = RelayEvent::Done {
+                        text: d.text,
+                        session: d.session,
+                        turn: d.turn,
+                        sandbox: sandbox.clone(),
+                        woke: was_paused,
+                        wake_ms,
+                    };
+                    sink.event(done).await;
+                    return Ok(());
+                }
+            };
+            sink.event(event).await;
+        }
+    }
+
+    /// The conversation's sandbox, made from the channel's template on its first message (or
+    /// again if the one it had was removed), and the agent to use in it.
+    async fn sandbox_for(&self, job: &Job) -> Result<(String, AgentConfig), String> {
+        let spec = &job.channel.spec;
+        let store = self.manager.store();
+        let bound = match &spec.sandbox {
+            Some(id) => Some(id.clone()),
+            None => store.binding(&spec.name, &job.conversation).await.map_err(|e| e.to_string())?,
+        };
+        let existing = match bound {
+            Some(id) => match self.manager.get(&id).await {
+                Ok(sandbox) => Some(sandbox),
+                Err(_) if spec.sandbox.is_some() => return Err(format!("the channel's sandbox {id} no longer exists")),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let sandbox = match existing {
+            Some(sandbox) => sandbox,
+            None => {
+                let req = CreateSandbox {
+                    template: spec.template.clone(),
+                    idle_timeout_secs: spec.idle_timeout_secs,
+                    ..Default::default()
+                };
+                let req = req.validate(&self.manager.cfg).map_err(|e| e.message)?;
+                let sandbox =
+                    self.manager.create(req).await.map_err(|e| {
+                        format!("Sorry, no sandbox could be started for this conversation: {}", e.message)
+                    })?;
+                store.bind(&spec.name, &job.conversation, &sandbox.id).await.map_err(|e| e.to_string())?;
+                tracing::info!(channel = %spec.name, conversation = %job.conversation, sandbox = %sandbox.id, "new conversation");
+                sandbox
+            }
+        };
+        let agent = sandbox.agent.clone().or_else(|| spec.agent.clone()).ok_or_else(|| {
+            format!("sandbox {} has no agent: give its template an [agent], or the channel an agent", sandbox.id)
+        })?;
+        Ok((sandbox.id, agent))
+    }
+}
+
+/// Where one message's reply events go.
+enum Sink {
+    Http(mpsc::Sender<RelayEvent>),
+    Telegram(Box<telegram::Sink>),
+    Slack(Box<slack::Sink>),
+}
+
+impl Sink {
+    async fn event(&mut self, event: RelayEvent) {
+        match self {
+            // A client that went away stops receiving; the agent's run still completes.
+            Self::Http(tx) => {
+                let _ = tx.send(event).await;
+            }
+            Self::Telegram(s) => s.event(event).await,
+            Self::Slack(s) => s.event(event).await,
+        }
+    }
+}
+
+/// Retries `call` on what a retry can fix (network, 429 after the time asked, 5xx) with
+/// backoff: 0.5, 1, 2, 4 s; gives up after five attempts.
+async fn with_retries<F, Fut, T>(what: &str, mut call: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Attempt>>,
+{
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1..=5 {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(Attempt::Fatal(e)) => return Err(format!("{what}: {e}")),
+            Err(Attempt::Retry { error, after }) => {
+                if attempt == 5 {
+                    return Err(format!("{what}: {error} (gave up after {attempt} attempts)"));
+                }
+                let wait = after.unwrap_or(delay).min(Duration::from_secs(30));
+                tracing::warn!(%what, %error, wait_ms = wait.as_millis() as u64, "retrying");
+                tokio::time::sleep(wait).await;
+                delay *= 2;
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+enum Attempt {
+    Retry { error: String, after: Option<Duration> },
+    Fatal(String),
+}
+
+impl Attempt {
+    fn from_reqwest(e: reqwest::Error) -> Self {
+        Self::Retry { error: e.to_string(), after: None }
+    }
+}

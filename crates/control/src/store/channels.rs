@@ -1,0 +1,96 @@
+//! The relay's tables: channels, which sandbox each conversation is bound to, and the delivery
+//! keys already seen (Telegram `update_id`, Slack `event_id`, HTTP idempotency keys).
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::{Store, StoreError};
+use crate::model::{Channel, CreateChannel};
+
+/// Delivery keys are remembered this long: platforms redeliver within minutes, not days.
+const DELIVERY_MEMORY_DAYS: i64 = 7;
+
+impl Store {
+    /// False if a channel of that name exists.
+    pub async fn insert_channel(&self, spec: &CreateChannel, webhook_path: &str) -> Result<bool, StoreError> {
+        let _writer = self.writer.lock().await;
+        let stored = serde_json::json!({"spec": spec, "webhook_path": webhook_path});
+        let done = sqlx::query("INSERT OR IGNORE INTO channels (name, spec, created_at) VALUES (?, ?, ?)")
+            .bind(&spec.name)
+            .bind(stored.to_string())
+            .bind(Utc::now().to_rfc3339())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn channel(&self, name: &str) -> Result<Option<Channel>, StoreError> {
+        let row = sqlx::query("SELECT * FROM channels WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
+        row.map(|r| decode_channel(&r)).transpose()
+    }
+
+    pub async fn channels(&self) -> Result<Vec<Channel>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM channels ORDER BY name").fetch_all(&self.pool).await?;
+        rows.iter().map(decode_channel).collect()
+    }
+
+    pub async fn delete_channel(&self, name: &str) -> Result<bool, StoreError> {
+        let _writer = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM channels WHERE name = ?").bind(name).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM bindings WHERE channel = ?").bind(name).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM deliveries WHERE channel = ?").bind(name).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn binding(&self, channel: &str, conversation: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT sandbox FROM bindings WHERE channel = ? AND conversation = ?")
+            .bind(channel)
+            .bind(conversation)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn bind(&self, channel: &str, conversation: &str, sandbox: &str) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
+        sqlx::query("INSERT OR REPLACE INTO bindings (channel, conversation, sandbox) VALUES (?, ?, ?)")
+            .bind(channel)
+            .bind(conversation)
+            .bind(sandbox)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a delivery key; false if it was seen before (a redelivery).
+    pub async fn first_delivery(&self, channel: &str, key: &str) -> Result<bool, StoreError> {
+        let _writer = self.writer.lock().await;
+        let now = Utc::now();
+        let forget_before = (now - chrono::Duration::days(DELIVERY_MEMORY_DAYS)).to_rfc3339();
+        sqlx::query("DELETE FROM deliveries WHERE received_at < ?").bind(forget_before).execute(&self.pool).await?;
+        let done = sqlx::query("INSERT OR IGNORE INTO deliveries (channel, key, received_at) VALUES (?, ?, ?)")
+            .bind(channel)
+            .bind(key)
+            .bind(now.to_rfc3339())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn decode_channel(row: &sqlx::sqlite::SqliteRow) -> Result<Channel, StoreError> {
+    let name: String = row.try_get("name")?;
+    let corrupt = |message: String| StoreError::Corrupt { id: format!("channel {name}"), message };
+    let stored: serde_json::Value =
+        serde_json::from_str(&row.try_get::<String, _>("spec")?).map_err(|e| corrupt(e.to_string()))?;
+    let spec: CreateChannel = serde_json::from_value(stored["spec"].clone()).map_err(|e| corrupt(e.to_string()))?;
+    let created: String = row.try_get("created_at")?;
+    Ok(Channel {
+        spec,
+        webhook_path: stored["webhook_path"].as_str().unwrap_or_default().to_owned(),
+        created_at: DateTime::parse_from_rfc3339(&created)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| corrupt(e.to_string()))?,
+    })
+}
