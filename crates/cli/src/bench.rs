@@ -62,6 +62,14 @@ pub enum BenchCommand {
     /// exec with no credentials, with credentials to push, and with a GitHub token to mint.
     /// Builds its own lab network with fake GitHub and Anthropic APIs and runs a private daemon
     /// (needs root).
+    /// A Telegram message to a sandbox's agent: webhook → reply at Telegram, for a paused and a
+    /// running sandbox side by side, and the share of the paused case spent resuming. Runs a
+    /// private daemon and a fake Telegram (needs root).
+    Wake {
+        /// Messages per case.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     Credentials {
         /// Model calls per path and kind.
         #[arg(long, default_value_t = 100)]
@@ -116,6 +124,7 @@ pub async fn run(cmd: BenchCommand, url: &str, api_key: Option<String>) -> Resul
             crate::bench_network::run(crate::bench_network::Params { connects, bulk_mib, bulk_runs, dns_queries, json })
                 .await
         }
+        BenchCommand::Wake { runs } => crate::bench_wake::run(runs).await,
         BenchCommand::Credentials { calls, words, cycles } => {
             crate::bench_credentials::run(crate::bench_credentials::Params { calls, words, cycles }).await
         }

@@ -46,6 +46,10 @@ impl Client {
         Ok(Self { base: base.trim_end_matches('/').to_owned(), api_key, http: reqwest::Client::new() })
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.api_key)
     }

@@ -27,6 +27,13 @@ pub struct GrantArgs {
     /// (default from the daemon's config).
     #[arg(long = "model-budget", value_name = "TOKENS")]
     pub model_budget: Option<u64>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+/// The agent that relayed messages go to.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AgentArgs {
     /// The agent relayed messages go to: echo, command, claude-code or codex (default: the
     /// template's).
     #[arg(long = "agent", value_name = "ADAPTER", value_parser = ["echo", "command", "claude-code", "codex"])]
@@ -57,13 +64,17 @@ impl GrantArgs {
         }
         Ok(Some(GitHubGrant { repositories: self.github_repos.clone(), permissions }))
     }
+}
 
+impl AgentArgs {
     pub fn agent(&self) -> Option<AgentConfig> {
         let adapter = self.agent.clone()?;
         let command = self.agent_command.as_deref().map(|c| c.split_whitespace().map(str::to_owned).collect());
         Some(AgentConfig { adapter, command: command.unwrap_or_default(), ..Default::default() })
     }
+}
 
+impl GrantArgs {
     pub fn models(&self) -> Option<ModelGrant> {
         if self.models.is_empty() && self.model_budget.is_none() {
             return None;

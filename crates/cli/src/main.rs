@@ -4,6 +4,8 @@ mod bench;
 mod bench_credentials;
 mod bench_lifecycle;
 mod bench_network;
+mod bench_wake;
+mod channel;
 mod client;
 mod cp;
 mod exec;
@@ -51,6 +53,9 @@ enum Command {
     /// Build and manage templates: snapshots with processes already running.
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Channels that bring messages to sandboxes' agents: HTTP, Telegram, Slack.
+    #[command(subcommand)]
+    Channel(channel::ChannelCommand),
     /// Measure performance against a running daemon.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
             Command::Server { config, listen } => run_server(config, listen).await.map(|_| ExitCode::SUCCESS),
             Command::Image(cmd) => image::run(cmd).map(|_| ExitCode::SUCCESS),
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, cli.api_key).await,
+            Command::Channel(cmd) => channel::run(cmd, &cli.url, cli.api_key).await,
             Command::Template(cmd) => template::run(cmd, &cli.url, cli.api_key).await.map(|_| ExitCode::SUCCESS),
             Command::Bench(cmd) => bench::run(cmd, &cli.url, cli.api_key).await.map(|_| ExitCode::SUCCESS),
         }

@@ -132,7 +132,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
             let req = CreateSandbox {
                 github: grants.github()?,
                 models: grants.models(),
-                agent: grants.agent(),
+                agent: grants.agent.agent(),
                 template: Some(template),
                 vcpus,
                 memory_mib: memory,

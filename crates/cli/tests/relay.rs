@@ -123,6 +123,14 @@ async fn http_channel_wakes_its_sandbox_continues_the_conversation_and_streams()
     let end = done(&events);
     assert_eq!((end["text"].as_str(), end["session"].as_str()), (Some("part1 part2 part3 "), Some("cmd-1")));
 
+    // The CLI streams the reply, and lists the channels.
+    let out = d.cli(&["channel", "send", "web", "from the cli", "--conversation", "c1"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "echo: from the cli");
+    let out = d.cli(&["channel", "list"], b"");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("web") && listing.contains("/v1/channels/cmd/messages"), "{listing}");
+
     // Bad input.
     for (body, want) in [
         (json!({"text": ""}), StatusCode::BAD_REQUEST),

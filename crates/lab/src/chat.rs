@@ -37,6 +37,8 @@ struct TelegramState {
 #[derive(Clone)]
 pub struct FakeTelegram {
     state: Arc<Mutex<TelegramState>>,
+    /// Woken at every message sent.
+    sent: Arc<tokio::sync::Notify>,
     pub url: String,
 }
 
@@ -57,11 +59,27 @@ impl FakeTelegram {
             refuse_next: 0,
             refused: 0,
         }));
-        let router = Router::new().route("/{bot}/{method}", post(telegram_call)).with_state(state.clone());
+        let sent = Arc::new(tokio::sync::Notify::new());
+        let router =
+            Router::new().route("/{bot}/{method}", post(telegram_call)).with_state((state.clone(), sent.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         tokio::spawn(async move { axum::serve(listener, router).await });
-        Ok(Self { state, url })
+        Ok(Self { state, sent, url })
+    }
+
+    /// Waits until `n` messages have been sent in all; false if `timeout` passes first.
+    pub async fn wait_for_messages(&self, n: usize, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.sent.notified();
+            if self.state.lock().unwrap().messages.len() >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
     }
 
     pub fn messages(&self) -> Vec<TelegramMessage> {
@@ -79,7 +97,7 @@ impl FakeTelegram {
 }
 
 async fn telegram_call(
-    State(state): State<Arc<Mutex<TelegramState>>>,
+    State((state, sent)): State<(Arc<Mutex<TelegramState>>, Arc<tokio::sync::Notify>)>,
     Path((bot, method)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> Response {
@@ -114,6 +132,7 @@ async fn telegram_call(
                 sent_at: Instant::now(),
                 edits: 0,
             });
+            sent.notify_waiters();
             Json(json!({"ok": true, "result": {"message_id": message_id, "chat": {"id": chat_id}, "text": text}}))
                 .into_response()
         }
