@@ -329,3 +329,47 @@ async fn slack_events_are_verified_answered_in_their_thread_and_deduplicated() {
     let texts: Vec<String> = slack.posts().iter().map(|p| p.text.clone()).collect();
     assert_eq!(texts, ["echo: hello slack", "echo: and again"]);
 }
+
+#[tokio::test]
+async fn a_message_taken_before_the_daemon_stopped_is_answered_after_it_starts() {
+    let telegram = FakeTelegram::start("123:bot-token").await.unwrap();
+    let slack = FakeSlack::start("xoxb-test").await.unwrap();
+    let mut chat = chat_daemon(&telegram, &slack).await;
+    let slow = r#"read line; sleep 2; t=$(echo "$line" | sed 's/.*"text":"\([^"]*\)".*/\1/'); echo "{\"type\":\"text\",\"text\":\"slow: $t\"}""#;
+    create_channel(
+        &chat.d,
+        json!({"name": "tg", "kind": "telegram", "idle_timeout_secs": 0,
+               "agent": {"adapter": "command", "command": ["sh", "-c", slow]},
+               "telegram": {"bot_token": "TG_TOKEN", "webhook_secret": "TG_HOOK"}}),
+    )
+    .await;
+    assert_eq!(telegram_update(&chat.d, "hook-secret", 1, 42, 100, "take your time").await, StatusCode::OK);
+    // Acknowledged to Telegram; the agent is at work when the daemon dies.
+    let mut running = false;
+    for _ in 0..600 {
+        let (_, list) = chat.d.call(Method::GET, "/v1/sandboxes", None).await;
+        if list["sandboxes"].as_array().is_some_and(|s| s.len() == 1 && s[0]["state"] == "running") {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running, "no sandbox came up for the message");
+    chat.d.kill_server();
+    assert!(telegram.messages().is_empty(), "the reply went out before the daemon was killed");
+    chat.d.spawn().await;
+    wait_for("the reply after the restart", Duration::from_secs(60), || !telegram.messages().is_empty()).await;
+    let replies: Vec<String> = telegram.messages().iter().map(|m| m.text.clone()).collect();
+    assert_eq!(replies, ["slow: take your time"]);
+    assert!(chat.d.server_log().contains("taken before the daemon stopped"));
+    // Answered now: another restart does not deliver it again.
+    chat.d.kill_server();
+    chat.d.spawn().await;
+    assert_eq!(telegram_update(&chat.d, "hook-secret", 2, 42, 101, "and now?").await, StatusCode::OK);
+    wait_for("the next reply", Duration::from_secs(60), || {
+        telegram.messages().iter().any(|m| m.text == "slow: and now?")
+    })
+    .await;
+    let replies: Vec<String> = telegram.messages().iter().map(|m| m.text.clone()).collect();
+    assert_eq!(replies, ["slow: take your time", "slow: and now?"], "one reply per message");
+}

@@ -73,7 +73,7 @@ pub async fn run(
         manager: manager.clone(),
         api_key: Arc::new(api_key),
         auth_failures: Default::default(),
-        relay,
+        relay: relay.clone(),
     });
     // Before reconcile: the sandboxes it adopts are served the API in their namespaces too.
     // The model proxy is served only there: it answers with the host's keys.
@@ -90,6 +90,11 @@ pub async fn run(
         tracing::warn!(%id, %reason, "could not adopt sandbox");
     }
 
+    match relay.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(messages = n, "delivering messages taken before the daemon stopped"),
+        Err(e) => tracing::error!(error = %e.message, "reading the relay's pending messages"),
+    }
     tokio::spawn(manager.clone().auto_pause());
 
     let listener =

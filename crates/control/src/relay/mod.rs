@@ -4,7 +4,9 @@
 //! conversation queue and are delivered one at a time, in the order they arrived, so a burst
 //! that lands while the sandbox wakes is answered in order. Delivery keys (Telegram
 //! `update_id`, Slack `event_id`, HTTP idempotency keys) are remembered, so a redelivered
-//! message is answered once. After the reply the sandbox's normal idle timeout applies.
+//! message is answered once. A Telegram or Slack message is stored before it is acknowledged
+//! and until it is answered: a daemon stopped in between delivers it again when it starts (at
+//! least once). After the reply the sandbox's normal idle timeout applies.
 
 mod slack;
 mod telegram;
@@ -13,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use torpor_proto::supervisor::{agent_event, AgentSpec, DeliverRequest};
 
@@ -70,11 +72,23 @@ pub enum Reply {
     Slack { channel: String, thread_ts: String },
 }
 
+/// A message as stored until it is answered (an HTTP client cannot be answered after a restart,
+/// so its messages are not stored).
+#[derive(Serialize, Deserialize)]
+struct StoredJob {
+    conversation: String,
+    text: String,
+    telegram: Option<(i64, i64)>,
+    slack: Option<(String, String)>,
+}
+
 struct Job {
     channel: Channel,
     conversation: String,
     text: String,
     reply: Reply,
+    /// The delivery key, to mark the message answered.
+    key: Option<String>,
 }
 
 pub struct Relay {
@@ -115,18 +129,72 @@ impl Relay {
         reply: Reply,
     ) -> Result<Submitted, ApiError> {
         if let Some(key) = key {
-            if !self.manager.store().first_delivery(&channel.spec.name, key).await? {
+            let stored = match &reply {
+                Reply::Http(_) => None,
+                Reply::Telegram { chat_id, reply_to } => Some(StoredJob {
+                    conversation: conversation.to_owned(),
+                    text: text.clone(),
+                    telegram: Some((*chat_id, *reply_to)),
+                    slack: None,
+                }),
+                Reply::Slack { channel, thread_ts } => Some(StoredJob {
+                    conversation: conversation.to_owned(),
+                    text: text.clone(),
+                    telegram: None,
+                    slack: Some((channel.clone(), thread_ts.clone())),
+                }),
+            };
+            let stored = stored.map(|s| serde_json::to_string(&s).expect("jobs serialise"));
+            if !self.manager.store().first_delivery(&channel.spec.name, key, stored.as_deref()).await? {
                 tracing::info!(channel = %channel.spec.name, %key, "duplicate delivery ignored");
                 return Ok(Submitted::Duplicate);
             }
         }
-        let job = Job { channel: channel.clone(), conversation: conversation.to_owned(), text, reply };
+        let job = Job {
+            channel: channel.clone(),
+            conversation: conversation.to_owned(),
+            text,
+            reply,
+            key: key.map(str::to_owned),
+        };
+        self.enqueue(job);
+        Ok(Submitted::Queued)
+    }
+
+    /// Delivers again what a previous run of the daemon took but did not answer, in the order
+    /// it arrived. Called once at start, after the sandboxes are reconciled.
+    pub async fn recover(self: &Arc<Self>) -> Result<usize, ApiError> {
+        let store = self.manager.store();
+        let mut recovered = 0;
+        for (name, key, stored) in store.pending_deliveries().await? {
+            let (Some(channel), Ok(job)) = (store.channel(&name).await?, serde_json::from_str::<StoredJob>(&stored))
+            else {
+                store.delivered(&name, &key).await?;
+                continue;
+            };
+            let reply = match (job.telegram, job.slack) {
+                (Some((chat_id, reply_to)), _) => Reply::Telegram { chat_id, reply_to },
+                (None, Some((channel, thread_ts))) => Reply::Slack { channel, thread_ts },
+                (None, None) => {
+                    store.delivered(&name, &key).await?;
+                    continue;
+                }
+            };
+            tracing::info!(channel = %name, %key, "delivering a message taken before the daemon stopped");
+            self.enqueue(Job { channel, conversation: job.conversation, text: job.text, reply, key: Some(key) });
+            recovered += 1;
+        }
+        Ok(recovered)
+    }
+
+    /// Behind the conversation's earlier messages.
+    fn enqueue(self: &Arc<Self>, job: Job) {
         let mut queues = self.queues.lock().expect("relay queues poisoned");
-        let queue_key = (channel.spec.name.clone(), conversation.to_owned());
+        let queue_key = (job.channel.spec.name.clone(), job.conversation.clone());
         // A queue whose worker has retired hands the job back.
         let job = match queues.get(&queue_key) {
             Some(queue) => match queue.send(job) {
-                Ok(()) => return Ok(Submitted::Queued),
+                Ok(()) => return,
                 Err(mpsc::error::SendError(job)) => job,
             },
             None => job,
@@ -135,7 +203,6 @@ impl Relay {
         let _ = tx.send(job);
         queues.insert(queue_key.clone(), tx);
         tokio::spawn(self.clone().worker(queue_key, rx));
-        Ok(Submitted::Queued)
     }
 
     /// Delivers one conversation's messages in order; ends when its queue has been empty a while.
@@ -182,6 +249,11 @@ impl Relay {
         if let Err(message) = self.run(&job, &mut sink).await {
             tracing::warn!(channel = %name, conversation = %job.conversation, %message, "relayed message failed");
             sink.event(RelayEvent::Error { message }).await;
+        }
+        if let Some(key) = &job.key {
+            if let Err(e) = self.manager.store().delivered(&name, key).await {
+                tracing::warn!(channel = %name, %key, error = %e, "marking a message answered failed");
+            }
         }
         tracing::info!(channel = %name, ms = started.elapsed().as_millis() as u64, "relayed message answered");
     }

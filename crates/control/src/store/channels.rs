@@ -63,19 +63,50 @@ impl Store {
         Ok(())
     }
 
-    /// Records a delivery key; false if it was seen before (a redelivery).
-    pub async fn first_delivery(&self, channel: &str, key: &str) -> Result<bool, StoreError> {
+    /// Records a delivery key, with the message itself (`job`) until it is answered if it
+    /// must survive a restart; false if the key was seen before (a redelivery).
+    pub async fn first_delivery(&self, channel: &str, key: &str, job: Option<&str>) -> Result<bool, StoreError> {
         let _writer = self.writer.lock().await;
         let now = Utc::now();
         let forget_before = (now - chrono::Duration::days(DELIVERY_MEMORY_DAYS)).to_rfc3339();
-        sqlx::query("DELETE FROM deliveries WHERE received_at < ?").bind(forget_before).execute(&self.pool).await?;
-        let done = sqlx::query("INSERT OR IGNORE INTO deliveries (channel, key, received_at) VALUES (?, ?, ?)")
-            .bind(channel)
-            .bind(key)
-            .bind(now.to_rfc3339())
+        sqlx::query("DELETE FROM deliveries WHERE received_at < ? AND done = 1")
+            .bind(forget_before)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO deliveries (channel, key, received_at, job, done) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(channel)
+        .bind(key)
+        .bind(now.to_rfc3339())
+        .bind(job)
+        .bind(job.is_none())
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    /// The message under `key` was answered: it is not delivered again.
+    pub async fn delivered(&self, channel: &str, key: &str) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
+        sqlx::query("UPDATE deliveries SET done = 1, job = NULL WHERE channel = ? AND key = ?")
+            .bind(channel)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Messages taken but not answered, oldest first: (channel, key, job).
+    pub async fn pending_deliveries(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT channel, key, job FROM deliveries WHERE done = 0 AND job IS NOT NULL ORDER BY rowid")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("channel")?, r.try_get("key")?, r.try_get("job")?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
     }
 }
 
