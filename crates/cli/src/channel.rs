@@ -30,6 +30,12 @@ pub enum ChannelCommand {
         /// Idle timeout of the sandboxes it makes, in seconds.
         #[arg(long, value_name = "SECS")]
         idle_timeout: Option<u64>,
+        /// Most conversations (each a sandbox) it starts (default 16).
+        #[arg(long, value_name = "N")]
+        max_conversations: Option<u32>,
+        /// Telegram: a chat whose messages are taken (repeatable; default any chat).
+        #[arg(long = "telegram-allow-chat", value_name = "CHAT_ID")]
+        telegram_allow_chats: Vec<i64>,
         #[command(flatten)]
         agent: crate::grants::AgentArgs,
         /// Telegram: name of the daemon secret holding the bot token.
@@ -74,6 +80,8 @@ pub async fn run(cmd: ChannelCommand, url: &str, api_key: Option<String>) -> Res
             sandbox,
             template,
             idle_timeout,
+            max_conversations,
+            telegram_allow_chats,
             agent,
             telegram_bot_token,
             telegram_webhook_secret,
@@ -86,7 +94,9 @@ pub async fn run(cmd: ChannelCommand, url: &str, api_key: Option<String>) -> Res
                 _ => ChannelKind::Http,
             };
             let telegram = match (telegram_bot_token, telegram_webhook_secret) {
-                (Some(bot_token), Some(webhook_secret)) => Some(TelegramSecrets { bot_token, webhook_secret }),
+                (Some(bot_token), Some(webhook_secret)) => {
+                    Some(TelegramSecrets { bot_token, webhook_secret, allowed_chats: telegram_allow_chats })
+                }
                 (None, None) => None,
                 _ => bail!("a Telegram channel needs both --telegram-bot-token and --telegram-webhook-secret"),
             };
@@ -102,6 +112,7 @@ pub async fn run(cmd: ChannelCommand, url: &str, api_key: Option<String>) -> Res
                 template,
                 agent: agent.agent(),
                 idle_timeout_secs: idle_timeout,
+                max_conversations,
                 telegram,
                 slack,
             };

@@ -123,6 +123,48 @@ async fn http_channel_wakes_its_sandbox_continues_the_conversation_and_streams()
     let end = done(&events);
     assert_eq!((end["text"].as_str(), end["session"].as_str()), (Some("part1 part2 part3 "), Some("cmd-1")));
 
+    // The claude-code adapter, against a stand-in `claude` that speaks its stream-JSON: the
+    // prompt arrives on stdin (a leading `-` is no option), the session is resumed next time.
+    let fake_claude = r#"#!/bin/sh
+prompt=$(cat)
+session=new
+while [ $# -gt 0 ]; do [ "$1" = --resume ] && session="resumed $2"; shift; done
+echo '{"type":"system","subtype":"init","session_id":"fake-session-1"}'
+printf '{"type":"stream_event","event":{"type":"content_block_delta","delta":{"type":"text_delta","text":"%s, "}}}
+' "$session"
+printf '{"type":"assistant","message":{"content":[{"type":"tool_use","name":"Bash","input":{"command":"ls"}}]}}
+'
+printf '{"type":"result","subtype":"success","is_error":false,"result":"%s, %s","session_id":"fake-session-1"}
+' "$session" "$prompt"
+"#;
+    let upload =
+        d.request(Method::PUT, &format!("/v1/sandboxes/{sandbox}/files?path=/usr/local/bin/fake-claude&mode=755"));
+    assert!(upload.body(fake_claude).send().await.unwrap().status().is_success());
+    create_channel(
+        &d,
+        json!({"name": "claude", "kind": "http", "sandbox": sandbox,
+               "agent": {"adapter": "claude-code", "command": ["/usr/local/bin/fake-claude"]}}),
+    )
+    .await;
+    let (_, events) = send(&d, "claude", json!({"text": "--help me"})).await;
+    let end = done(&events);
+    assert_eq!(
+        (end["text"].as_str(), end["session"].as_str()),
+        (Some("new, --help me"), Some("fake-session-1")),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| e.0 == "tool" && e.1["name"] == "Bash"), "{events:?}");
+    let (_, events) = send(&d, "claude", json!({"text": "again"})).await;
+    assert_eq!(done(&events)["text"], "resumed fake-session-1, again");
+
+    // A channel makes at most its max_conversations sandboxes.
+    create_channel(&d, json!({"name": "capped", "kind": "http", "agent": {"adapter": "echo"}, "max_conversations": 1}))
+        .await;
+    assert_eq!(done(&send(&d, "capped", json!({"conversation": "one", "text": "x"})).await.1)["text"], "echo: x");
+    let (_, events) = send(&d, "capped", json!({"conversation": "two", "text": "x"})).await;
+    let last = events.last().unwrap();
+    assert!(last.0 == "error" && last.1["message"].as_str().unwrap().contains("already has its 1"), "{events:?}");
+
     // The CLI streams the reply, and lists the channels.
     let out = d.cli(&["channel", "send", "web", "from the cli", "--conversation", "c1"], b"");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -331,8 +373,11 @@ async fn slack_events_are_verified_answered_in_their_thread_and_deduplicated() {
     // Slack's retry of the same event, and a bot's message, get no reply; the next one does,
     // through a 429 from Slack.
     assert_eq!(slack_event(d, "signing-secret", now, &event).await.status(), StatusCode::OK);
+    // The bot's message is in the thread of the next one: the same queue, so a reply to it
+    // would come first.
     let mut from_bot = message_event("Ev2", "1700000002.000100", "I am a bot");
     from_bot["event"]["bot_id"] = json!("B1");
+    from_bot["event"]["thread_ts"] = json!("1700000003.000100");
     assert_eq!(slack_event(d, "signing-secret", now, &from_bot).await.status(), StatusCode::OK);
     slack.refuse_next(1);
     let next = message_event("Ev3", "1700000003.000100", "and again");

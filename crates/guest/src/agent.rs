@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -160,7 +161,15 @@ impl Agents {
             *running
         });
         match pgid {
-            Some(pgid) => killpg(Pid::from_raw(pgid), Signal::SIGTERM).is_ok(),
+            Some(pgid) => {
+                let cancelled = killpg(Pid::from_raw(pgid), Signal::SIGTERM).is_ok();
+                // What ignores SIGTERM gets SIGKILL a little later.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                });
+                cancelled
+            }
             None => false,
         }
     }
@@ -199,7 +208,7 @@ impl Agents {
         conversation: &Conversation,
         tx: &mpsc::Sender<Result<AgentEvent, Status>>,
     ) -> Result<Outcome, String> {
-        let (argv, stdin_line) = invocation(adapter, spec, state, text);
+        let (argv, stdin_text) = invocation(adapter, spec, state, text);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .env_clear()
@@ -224,38 +233,14 @@ impl Agents {
             self.reaper.spawn(&mut cmd).map_err(|e| format!("cannot start the agent {:?}: {e}", argv[0]))?;
         let pgid = child.id() as i32;
         *conversation.running.lock().expect("agent run poisoned") = Some(pgid);
-        let mut stdin = tokio::process::ChildStdin::from_std(child.stdin.take().expect("piped")).ok();
-        let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().expect("piped"))
-            .map_err(|e| format!("agent output: {e}"))?;
-        let mut stderr = tokio::process::ChildStderr::from_std(child.stderr.take().expect("piped"))
-            .map_err(|e| format!("agent output: {e}"))?;
-        if let (Some(stdin), Some(line)) = (stdin.as_mut(), stdin_line) {
-            let _ = stdin.write_all(line.as_bytes()).await;
-        }
-        drop(stdin);
-        let errors = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf).await;
-            String::from_utf8_lossy(&buf).into_owned()
-        });
-        let mut parse = Parse { adapter: adapter.to_owned(), session: state.session.clone(), ..Default::default() };
-        let mut lines = BufReader::new(stdout).lines();
-        let mut closed = false;
-        while let Ok(Some(line)) = lines.next_line().await {
-            for kind in parse.line(&line) {
-                // A caller that went away does not stop the run: the conversation still advances.
-                if !closed && tx.send(event(kind)).await.is_err() {
-                    closed = true;
-                }
-            }
-        }
-        let status = exit.await.map_err(|_| "lost the agent's exit status".to_owned())?;
+        let result = follow(&mut child, exit, pgid, stdin_text, adapter, state, tx).await;
         *conversation.running.lock().expect("agent run poisoned") = None;
-        let stderr = errors.await.unwrap_or_default();
+        let (status, parse, stderr) = result?;
         if let Some(message) = parse.error {
             return Err(message);
         }
         if !status.success() {
+            let stderr = String::from_utf8_lossy(&stderr);
             let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             return Err(format!("the agent {} ({status}): {}", argv[0], tail.join(" / ")));
@@ -263,6 +248,89 @@ impl Agents {
         let text = parse.final_text.unwrap_or(parse.text);
         Ok(Outcome { text, session: parse.session })
     }
+}
+
+/// After the agent exits, how long output of processes it left behind may still flow.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How much of the end of the agent's standard error is kept for an error message.
+const STDERR_TAIL: usize = 8 * 1024;
+
+/// Feeds the agent its input, turns its output into events until it exits, and returns its
+/// exit status, what was parsed and the end of its standard error. Processes it left behind
+/// holding its output open are killed after `DRAIN_AFTER_EXIT`, so a run always ends.
+async fn follow(
+    child: &mut std::process::Child,
+    exit: tokio::sync::oneshot::Receiver<std::process::ExitStatus>,
+    pgid: i32,
+    stdin_text: String,
+    adapter: &str,
+    state: &State,
+    tx: &mpsc::Sender<Result<AgentEvent, Status>>,
+) -> Result<(std::process::ExitStatus, Parse, Vec<u8>), String> {
+    let io_err = |e: std::io::Error| format!("agent output: {e}");
+    let stdin = tokio::process::ChildStdin::from_std(child.stdin.take().expect("piped")).map_err(io_err)?;
+    let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().expect("piped")).map_err(io_err)?;
+    let stderr = tokio::process::ChildStderr::from_std(child.stderr.take().expect("piped")).map_err(io_err)?;
+    // Written beside the readers: a program that writes before it reads cannot block us.
+    tokio::spawn(async move {
+        let mut stdin = stdin;
+        let _ = stdin.write_all(stdin_text.as_bytes()).await;
+    });
+    let errors = tokio::spawn(async move {
+        let (mut stderr, mut tail, mut buf) = (stderr, Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = stderr.read(&mut buf).await {
+            tail.extend_from_slice(&buf[..n]);
+            if tail.len() > STDERR_TAIL {
+                tail.drain(..tail.len() - STDERR_TAIL);
+            }
+        }
+        tail
+    });
+    let mut parse = Parse { adapter: adapter.to_owned(), session: state.session.clone(), ..Default::default() };
+    let mut lines = BufReader::new(stdout).lines();
+    let mut closed = false;
+    tokio::pin!(exit);
+    let mut status = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let mut drain_until = far;
+    loop {
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            done = &mut exit, if status.is_none() => {
+                status = Some(done.map_err(|_| "lost the agent's exit status".to_owned())?);
+                drain_until = tokio::time::Instant::now() + DRAIN_AFTER_EXIT;
+                continue;
+            }
+            _ = tokio::time::sleep_until(drain_until) => {
+                // Its output is held open by something it started: end that too.
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                break;
+            }
+        };
+        match line {
+            Ok(Some(line)) => {
+                for kind in parse.line(&line) {
+                    // A caller that went away does not stop the run: the conversation advances.
+                    if !closed && tx.send(event(kind)).await.is_err() {
+                        closed = true;
+                    }
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let status = match status {
+        Some(status) => status,
+        None => exit.await.map_err(|_| "lost the agent's exit status".to_owned())?,
+    };
+    let stderr = match tokio::time::timeout(DRAIN_AFTER_EXIT, errors).await {
+        Ok(Ok(tail)) => tail,
+        _ => {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            Vec::new()
+        }
+    };
+    Ok((status, parse, stderr))
 }
 
 struct Outcome {
@@ -279,14 +347,15 @@ fn echo_session(state: &State) -> String {
 }
 
 /// The program to run and what to write to its standard input.
-fn invocation(adapter: &str, spec: &AgentSpec, state: &State, text: &str) -> (Vec<String>, Option<String>) {
+fn invocation(adapter: &str, spec: &AgentSpec, state: &State, text: &str) -> (Vec<String>, String) {
     let program = |default: &str| spec.command.first().cloned().unwrap_or_else(|| default.to_owned());
     match adapter {
         "claude-code" => {
+            // The prompt goes on standard input: text starting with `-` cannot pass for an
+            // option, and no length limit of the command line applies.
             let mut argv = vec![
                 program("claude"),
                 "-p".into(),
-                text.to_owned(),
                 "--output-format".into(),
                 "stream-json".into(),
                 "--verbose".into(),
@@ -296,7 +365,7 @@ fn invocation(adapter: &str, spec: &AgentSpec, state: &State, text: &str) -> (Ve
             if !state.session.is_empty() {
                 argv.extend(["--resume".into(), state.session.clone()]);
             }
-            (argv, None)
+            (argv, text.to_owned())
         }
         "codex" => {
             let mut argv = vec![
@@ -309,14 +378,15 @@ fn invocation(adapter: &str, spec: &AgentSpec, state: &State, text: &str) -> (Ve
             if !state.session.is_empty() {
                 argv.extend(["resume".into(), state.session.clone()]);
             }
-            argv.push(text.to_owned());
-            (argv, None)
+            // `-`: the prompt is read from standard input.
+            argv.push("-".into());
+            (argv, text.to_owned())
         }
         _ => {
             let line = json!({
                 "conversation": state.conversation, "session": state.session, "turn": state.turns + 1, "text": text,
             });
-            (spec.command.clone(), Some(format!("{line}\n")))
+            (spec.command.clone(), format!("{line}\n"))
         }
     }
 }

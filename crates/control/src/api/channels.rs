@@ -126,6 +126,22 @@ pub async fn message(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
+/// A channel's secret for checking a webhook call. Its absence or emptiness (which would let
+/// anyone through) is the host's misconfiguration: logged here, not told to the caller.
+fn channel_secret(state: &AppState, channel: &str, secret: &str) -> Result<String, ApiError> {
+    match state.manager.cfg.read_secret(secret) {
+        Ok(value) if value.len() >= 8 => Ok(value),
+        Ok(_) => {
+            tracing::error!(%channel, %secret, "the secret is shorter than 8 characters; refusing every call");
+            Err(ApiError::internal("the channel is misconfigured on the host"))
+        }
+        Err(e) => {
+            tracing::error!(%channel, %secret, error = %e, "the channel's secret cannot be read");
+            Err(ApiError::internal("the channel is misconfigured on the host"))
+        }
+    }
+}
+
 fn ok() -> Response {
     StatusCode::OK.into_response()
 }
@@ -142,7 +158,7 @@ pub async fn telegram(
     let Some(secrets) = channel.spec.telegram.as_ref() else {
         return Err(ApiError::not_found(format!("{name} is not a Telegram channel")));
     };
-    let expected = state.manager.cfg.read_secret(&secrets.webhook_secret).map_err(ApiError::internal)?;
+    let expected = channel_secret(&state, &name, &secrets.webhook_secret)?;
     let given = headers.get("x-telegram-bot-api-secret-token").map(|v| v.as_bytes()).unwrap_or_default();
     if !bool::from(given.ct_eq(expected.as_bytes())) {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Telegram-Bot-Api-Secret-Token"));
@@ -159,6 +175,10 @@ pub async fn telegram(
     else {
         return Ok(ok());
     };
+    if !secrets.allowed_chats.is_empty() && !secrets.allowed_chats.contains(&chat_id) {
+        tracing::info!(channel = %name, chat_id, "message from a chat the channel does not allow; ignored");
+        return Ok(ok());
+    }
     let reply = Reply::Telegram { chat_id, reply_to: message_id };
     let key = format!("update:{update_id}");
     state.relay.submit(&channel, &chat_id.to_string(), Some(&key), text.to_owned(), reply).await?;
@@ -178,7 +198,7 @@ pub async fn slack(
     let Some(secrets) = channel.spec.slack.as_ref() else {
         return Err(ApiError::not_found(format!("{name} is not a Slack channel")));
     };
-    let secret = state.manager.cfg.read_secret(&secrets.signing_secret).map_err(ApiError::internal)?;
+    let secret = channel_secret(&state, &name, &secrets.signing_secret)?;
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     verify_slack_signature(&secret, &header("x-slack-request-timestamp"), &header("x-slack-signature"), &body)
         .map_err(|why| ApiError::new(StatusCode::UNAUTHORIZED, format!("Slack signature refused: {why}")))?;

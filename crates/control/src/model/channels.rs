@@ -25,6 +25,9 @@ pub struct AgentConfig {
     pub env: BTreeMap<String, String>,
 }
 
+pub const DEFAULT_MAX_CONVERSATIONS: u32 = 16;
+pub const MAX_CONVERSATIONS: u32 = 1000;
+
 pub const AGENT_ADAPTERS: [&str; 4] = ["echo", "command", "claude-code", "codex"];
 
 impl AgentConfig {
@@ -78,6 +81,10 @@ pub struct TelegramSecrets {
     pub bot_token: String,
     /// The `secret_token` given to `setWebhook`: every update must carry it.
     pub webhook_secret: String,
+    /// Chats whose messages are taken (ids); empty: any chat. Anyone can message a bot, and
+    /// each new chat gets a sandbox.
+    #[serde(default)]
+    pub allowed_chats: Vec<i64>,
 }
 
 /// Names of the daemon's `[secrets]` a Slack channel uses.
@@ -105,6 +112,9 @@ pub struct CreateChannel {
     pub agent: Option<AgentConfig>,
     /// Idle timeout of the sandboxes it makes (default: the daemon's).
     pub idle_timeout_secs: Option<u64>,
+    /// Most conversations (so sandboxes) it makes (default 16, at most 1000); a new one past
+    /// that gets an error reply.
+    pub max_conversations: Option<u32>,
     pub telegram: Option<TelegramSecrets>,
     pub slack: Option<SlackSecrets>,
 }
@@ -121,6 +131,9 @@ impl CreateChannel {
         }
         if let Some(agent) = &self.agent {
             agent.validate()?;
+        }
+        if self.max_conversations.is_some_and(|m| !(1..=MAX_CONVERSATIONS).contains(&m)) {
+            return Err(ApiError::invalid(format!("max_conversations must be between 1 and {MAX_CONVERSATIONS}")));
         }
         let secrets: Vec<String> = match (self.kind, &self.telegram, &self.slack) {
             (ChannelKind::Http, None, None) => vec![],

@@ -95,7 +95,16 @@ pub struct Relay {
     manager: Arc<Manager>,
     http: reqwest::Client,
     queues: Mutex<HashMap<(String, String), mpsc::UnboundedSender<Job>>>,
+    /// Messages taken and not yet answered, over every queue.
+    waiting: std::sync::atomic::AtomicUsize,
 }
+
+/// Messages that may wait at once; past that, new ones are refused with 429 (the platforms
+/// deliver them again later).
+const MAX_WAITING: usize = 1000;
+/// An HTTP client that reads nothing for this long is dropped: it must not stall the
+/// conversation's queue.
+const HTTP_CLIENT_STALL: Duration = Duration::from_secs(30);
 
 /// Whether a message was taken or had been seen before.
 #[derive(Debug, PartialEq, Eq)]
@@ -112,7 +121,7 @@ impl Relay {
             .timeout(Duration::from_secs(30))
             .build()
             .expect("the relay's HTTP client builds");
-        Arc::new(Self { manager, http, queues: Mutex::new(HashMap::new()) })
+        Arc::new(Self { manager, http, queues: Mutex::new(HashMap::new()), waiting: Default::default() })
     }
 
     pub fn manager(&self) -> &Arc<Manager> {
@@ -128,6 +137,12 @@ impl Relay {
         text: String,
         reply: Reply,
     ) -> Result<Submitted, ApiError> {
+        if self.waiting.load(std::sync::atomic::Ordering::SeqCst) >= MAX_WAITING {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!("{MAX_WAITING} messages are waiting already; try again later"),
+            ));
+        }
         if let Some(key) = key {
             let stored = match &reply {
                 Reply::Http(_) => None,
@@ -189,6 +204,7 @@ impl Relay {
 
     /// Behind the conversation's earlier messages.
     fn enqueue(self: &Arc<Self>, job: Job) {
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut queues = self.queues.lock().expect("relay queues poisoned");
         let queue_key = (job.channel.spec.name.clone(), job.conversation.clone());
         // A queue whose worker has retired hands the job back.
@@ -232,28 +248,38 @@ impl Relay {
     }
 
     async fn handle(&self, job: Job) {
+        self.answer(&job).await;
+        self.waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        // Answered, or given up on for good (no way to reply, or the reply kept failing):
+        // either way, never delivered again.
+        if let Some(key) = &job.key {
+            if let Err(e) = self.manager.store().delivered(&job.channel.spec.name, key).await {
+                tracing::warn!(channel = %job.channel.spec.name, %key, error = %e, "marking a message answered failed");
+            }
+        }
+    }
+
+    async fn answer(&self, job: &Job) {
         let name = job.channel.spec.name.clone();
         let mut sink = match &job.reply {
-            Reply::Http(tx) => Sink::Http(tx.clone()),
-            Reply::Telegram { chat_id, reply_to } => match telegram::Sink::new(self, &job.channel, *chat_id, *reply_to)
-            {
-                Ok(s) => Sink::Telegram(Box::new(s)),
-                Err(e) => return tracing::error!(channel = %name, error = %e, "cannot reply on Telegram"),
-            },
+            Reply::Http(tx) => Sink::Http(tx.clone(), false),
+            Reply::Telegram { chat_id, reply_to } => {
+                match telegram::Sink::new(self, &job.channel, *chat_id, *reply_to) {
+                    Ok(s) => Sink::Telegram(Box::new(s)),
+                    Err(e) => {
+                        return tracing::error!(channel = %name, error = %e, "cannot reply on Telegram; message dropped")
+                    }
+                }
+            }
             Reply::Slack { channel, thread_ts } => match slack::Sink::new(self, &job.channel, channel, thread_ts) {
                 Ok(s) => Sink::Slack(Box::new(s)),
-                Err(e) => return tracing::error!(channel = %name, error = %e, "cannot reply on Slack"),
+                Err(e) => return tracing::error!(channel = %name, error = %e, "cannot reply on Slack; message dropped"),
             },
         };
         let started = Instant::now();
-        if let Err(message) = self.run(&job, &mut sink).await {
+        if let Err(message) = self.run(job, &mut sink).await {
             tracing::warn!(channel = %name, conversation = %job.conversation, %message, "relayed message failed");
             sink.event(RelayEvent::Error { message }).await;
-        }
-        if let Some(key) = &job.key {
-            if let Err(e) = self.manager.store().delivered(&name, key).await {
-                tracing::warn!(channel = %name, %key, error = %e, "marking a message answered failed");
-            }
         }
         tracing::info!(channel = %name, ms = started.elapsed().as_millis() as u64, "relayed message answered");
     }
@@ -334,6 +360,12 @@ impl Relay {
         let sandbox = match existing {
             Some(sandbox) => sandbox,
             None => {
+                let cap = spec.max_conversations.unwrap_or(crate::model::DEFAULT_MAX_CONVERSATIONS);
+                if store.conversations(&spec.name).await.map_err(|e| e.to_string())? >= u64::from(cap) {
+                    return Err(format!(
+                        "Sorry, this channel already has its {cap} conversations; no new one can start"
+                    ));
+                }
                 let req = CreateSandbox {
                     template: spec.template.clone(),
                     idle_timeout_secs: spec.idle_timeout_secs,
@@ -358,7 +390,8 @@ impl Relay {
 
 /// Where one message's reply events go.
 enum Sink {
-    Http(mpsc::Sender<RelayEvent>),
+    /// The client, and whether it stopped reading.
+    Http(mpsc::Sender<RelayEvent>, bool),
     Telegram(Box<telegram::Sink>),
     Slack(Box<slack::Sink>),
 }
@@ -366,9 +399,12 @@ enum Sink {
 impl Sink {
     async fn event(&mut self, event: RelayEvent) {
         match self {
-            // A client that went away stops receiving; the agent's run still completes.
-            Self::Http(tx) => {
-                let _ = tx.send(event).await;
+            // A client that went away, or stopped reading, stops receiving; the agent's run
+            // still completes and the conversation's next message is not held up.
+            Self::Http(tx, gone) => {
+                if !*gone && tx.send_timeout(event, HTTP_CLIENT_STALL).await.is_err() {
+                    *gone = true;
+                }
             }
             Self::Telegram(s) => s.event(event).await,
             Self::Slack(s) => s.event(event).await,

@@ -19,7 +19,7 @@ const MAX_SKEW_SECS: i64 = 300;
 pub fn verify_slack_signature(secret: &str, timestamp: &str, signature: &str, body: &[u8]) -> Result<(), String> {
     let ts: i64 = timestamp.parse().map_err(|_| "X-Slack-Request-Timestamp is not a number".to_owned())?;
     let now = chrono::Utc::now().timestamp();
-    if (now - ts).abs() > MAX_SKEW_SECS {
+    if now.abs_diff(ts) > MAX_SKEW_SECS as u64 {
         return Err("the request timestamp is more than five minutes off".into());
     }
     let given = signature.strip_prefix("v0=").ok_or("X-Slack-Signature is not a v0 signature")?;
@@ -53,12 +53,13 @@ impl Sink {
 
     pub async fn event(&mut self, event: RelayEvent) {
         let text = match event {
+            RelayEvent::Done { text, .. } if text.trim().is_empty() => "(the agent gave no answer)".to_owned(),
             RelayEvent::Done { text, .. } => text,
             RelayEvent::Error { message } => format!(":warning: {message}"),
             _ => return,
         };
         if let Err(e) = self.post(&text).await {
-            tracing::error!(channel = %self.channel, error = %e, "replying on Slack failed");
+            tracing::error!(channel = %self.channel, error = %e, "replying on Slack failed; given up");
         }
     }
 

@@ -62,6 +62,9 @@ impl Sink {
                 if !text.trim().is_empty() {
                     self.text = text;
                 }
+                if self.text.trim().is_empty() {
+                    self.text = "(the agent gave no answer)".into();
+                }
                 self.show(true).await
             }
             RelayEvent::Error { message } => {
@@ -71,7 +74,7 @@ impl Sink {
             RelayEvent::Waking { .. } | RelayEvent::Tool { .. } => Ok(()),
         };
         if let Err(e) = result {
-            tracing::error!(chat_id = self.chat_id, error = %e, "replying on Telegram failed");
+            tracing::error!(chat_id = self.chat_id, error = %e, "replying on Telegram failed; given up");
         }
     }
 

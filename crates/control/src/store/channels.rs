@@ -63,6 +63,14 @@ impl Store {
         Ok(())
     }
 
+    pub async fn conversations(&self, channel: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bindings WHERE channel = ?")
+            .bind(channel)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
     /// Records a delivery key, with the message itself (`job`) until it is answered if it
     /// must survive a restart; false if the key was seen before (a redelivery).
     pub async fn first_delivery(&self, channel: &str, key: &str, job: Option<&str>) -> Result<bool, StoreError> {
