@@ -91,6 +91,13 @@ pub enum SandboxCommand {
     Connect { id: String },
     /// Cold-boot a stopped or failed sandbox from its disk.
     Start { id: String },
+    /// Show the conversations of a sandbox's agent, or stop the run in progress in one.
+    Agent {
+        id: String,
+        /// Stop this conversation's run in progress (as the listing names it).
+        #[arg(long, value_name = "CONVERSATION")]
+        cancel: Option<String>,
+    },
     /// Show what a sandbox has used: running time, vCPU and memory seconds, bytes stored paused.
     Usage {
         id: String,
@@ -198,6 +205,30 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
         SandboxCommand::Resume { id } => lifecycle(&client, &id, "resume").await?,
         SandboxCommand::Connect { id } => lifecycle(&client, &id, "connect").await?,
         SandboxCommand::Start { id } => lifecycle(&client, &id, "start").await?,
+        SandboxCommand::Agent { id, cancel: Some(conversation) } => {
+            let body = serde_json::json!({ "conversation": conversation });
+            let answer: serde_json::Value =
+                client.json(Method::POST, &format!("/v1/sandboxes/{id}/agent/cancel"), Some(&body)).await?;
+            if answer["cancelled"] == true {
+                println!("cancelled the run of {conversation}");
+            } else {
+                println!("{conversation} had no run in progress");
+            }
+        }
+        SandboxCommand::Agent { id, cancel: None } => {
+            let status: serde_json::Value =
+                client.json(Method::GET, &format!("/v1/sandboxes/{id}/agent"), None::<&()>).await?;
+            println!("{:<40} {:>6} {:<6} SESSION", "CONVERSATION", "TURNS", "BUSY");
+            for c in status["conversations"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:>6} {:<6} {}",
+                    c["conversation"].as_str().unwrap_or(""),
+                    c["turns"],
+                    if c["busy"] == true { "yes" } else { "no" },
+                    c["session"].as_str().unwrap_or("")
+                );
+            }
+        }
         SandboxCommand::Usage { id, json } => {
             let u: torpor_control::model::Usage =
                 client.json(Method::GET, &format!("/v1/sandboxes/{id}/usage"), None::<&()>).await?;

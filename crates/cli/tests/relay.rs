@@ -165,6 +165,58 @@ printf '{"type":"result","subtype":"success","is_error":false,"result":"%s, %s",
     let last = events.last().unwrap();
     assert!(last.0 == "error" && last.1["message"].as_str().unwrap().contains("already has its 1"), "{events:?}");
 
+    // A run can be watched and stopped: its message then gets an error reply.
+    create_channel(
+        &d,
+        json!({"name": "stuck", "kind": "http", "sandbox": sandbox,
+               "agent": {"adapter": "command", "command": ["sh", "-c", "read line; sleep 600"]}}),
+    )
+    .await;
+    let pending = tokio::spawn({
+        let (url, key) = (d.url.clone(), d.api_key.clone());
+        async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/channels/stuck/messages"))
+                .bearer_auth(key)
+                .json(&json!({"conversation": "long", "text": "think hard"}))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    });
+    let mut busy = false;
+    for _ in 0..200 {
+        let (_, status) = d.call(Method::GET, &format!("/v1/sandboxes/{sandbox}/agent"), None).await;
+        if status["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["conversation"] == "stuck/long" && c["busy"] == true)
+        {
+            busy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(busy, "the run never showed as busy");
+    let (_, status) = d.call(Method::GET, &format!("/v1/sandboxes/{sandbox}/agent"), None).await;
+    let first = status["conversations"].as_array().unwrap().iter().find(|c| c["conversation"] == "web/c1").cloned();
+    assert_eq!(first.map(|c| c["turns"].clone()), Some(json!(3)), "{status}");
+    let (_, answer) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/agent/cancel"),
+            Some(json!({"conversation": "stuck/long"})),
+        )
+        .await;
+    assert_eq!(answer["cancelled"], true);
+    let reply =
+        tokio::time::timeout(Duration::from_secs(20), pending).await.expect("the cancelled run never ended").unwrap();
+    assert!(reply.contains("event: error") && reply.contains("signal"), "{reply}");
+
     // The CLI streams the reply, and lists the channels.
     let out = d.cli(&["channel", "send", "web", "from the cli", "--conversation", "c1"], b"");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

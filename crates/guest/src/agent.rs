@@ -182,11 +182,21 @@ impl Agents {
             .iter()
             .map(|(k, c)| (k.clone(), c.turn.try_lock().is_err()))
             .collect();
-        let mut out: Vec<ConversationStatus> = std::fs::read_dir(&self.dir)
+        let mut states: HashMap<String, State> = std::fs::read_dir(&self.dir)
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| serde_json::from_slice::<State>(&std::fs::read(e.path()).ok()?).ok())
+            .map(|s| (s.conversation.clone(), s))
+            .collect();
+        // A conversation whose first message is still being answered has no file yet.
+        for conversation in busy.keys() {
+            states
+                .entry(conversation.clone())
+                .or_insert_with(|| State { conversation: conversation.clone(), ..Default::default() });
+        }
+        let mut out: Vec<ConversationStatus> = states
+            .into_values()
             .map(|s| ConversationStatus {
                 busy: busy.get(&s.conversation).copied().unwrap_or(false),
                 conversation: s.conversation,

@@ -232,3 +232,76 @@ pub async fn slack(
     state.relay.submit(&channel, &conversation, Some(&key), text.to_owned(), reply).await?;
     Ok(ok())
 }
+
+/// One conversation of a sandbox's agent.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AgentConversation {
+    /// `<channel>/<conversation>` for relayed messages.
+    pub conversation: String,
+    /// The agent's own session id (Claude Code session, Codex thread).
+    pub session: String,
+    pub turns: u64,
+    /// A message of it is being answered now.
+    pub busy: bool,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AgentStatus {
+    pub conversations: Vec<AgentConversation>,
+}
+
+/// The conversations a sandbox's agent has had (wakes the sandbox if it is paused).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/agent", params(("id" = String, Path)), responses(
+    (status = 200, body = AgentStatus), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn agent_status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentStatus>, ApiError> {
+    let live = state.manager.running(&id).await?;
+    let status = live
+        .guest
+        .agent()
+        .status(torpor_proto::supervisor::AgentStatusRequest {})
+        .await
+        .map_err(ApiError::from_guest)?
+        .into_inner();
+    let conversations = status
+        .conversations
+        .into_iter()
+        .map(|c| AgentConversation { conversation: c.conversation, session: c.session, turns: c.turns, busy: c.busy })
+        .collect();
+    Ok(Json(AgentStatus { conversations }))
+}
+
+#[derive(serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelAgent {
+    /// As `GET …/agent` names it.
+    pub conversation: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Cancelled {
+    /// Whether a run was in progress and was stopped (SIGTERM, SIGKILL 5 s later).
+    pub cancelled: bool,
+}
+
+/// Stops the agent's run in progress in a conversation; its relayed message gets an error reply.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/agent/cancel", params(("id" = String, Path)), request_body = CancelAgent,
+    responses((status = 200, body = Cancelled), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn agent_cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<CancelAgent>, JsonRejection>,
+) -> Result<Json<Cancelled>, ApiError> {
+    let req = json_body(body)?;
+    let live = state.manager.running(&id).await?;
+    let answer = live
+        .guest
+        .agent()
+        .cancel(torpor_proto::supervisor::CancelRequest { conversation: req.conversation })
+        .await
+        .map_err(ApiError::from_guest)?
+        .into_inner();
+    Ok(Json(Cancelled { cancelled: answer.cancelled }))
+}

@@ -75,12 +75,14 @@ impl AuthFailures {
         network::get_network, network::put_network,
         templates::create, templates::list, templates::delete,
         channels::create, channels::list, channels::get_one, channels::delete, channels::message,
+        channels::agent_status, channels::agent_cancel,
         exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health, jwks
     ),
     components(schemas(
         Sandbox, crate::model::State, NetworkInfo, Usage, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
         ErrorDetail, Template, CreateTemplate, NetworkPolicy, NetworkMode, NetworkStatus, ResolvedAddress, templates::TemplateList, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health,
-        Channel, CreateChannel, ChannelKind, ChannelMessage, AgentConfig, TelegramSecrets, SlackSecrets, channels::ChannelList
+        Channel, CreateChannel, ChannelKind, ChannelMessage, AgentConfig, TelegramSecrets, SlackSecrets, channels::ChannelList,
+        channels::AgentStatus, channels::AgentConversation, channels::CancelAgent, channels::Cancelled
     )),
     modifiers(&BearerAuth)
 )]
@@ -116,6 +118,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(exec::signal))
         .route("/v1/sandboxes/{id}/files", get(files::download).put(files::upload))
+        .route("/v1/sandboxes/{id}/agent", get(channels::agent_status))
+        .route("/v1/sandboxes/{id}/agent/cancel", post(channels::agent_cancel))
         .route("/v1/templates", post(templates::create).get(templates::list))
         .route("/v1/templates/{name}", axum::routing::delete(templates::delete))
         .route("/v1/channels", post(channels::create).get(channels::list))
