@@ -102,11 +102,12 @@ pub fn guest_base_url(flavour: ModelFlavour) -> String {
 
 /// Routes served only inside sandboxes' namespaces, never on the daemon's own listener.
 pub fn router(manager: Arc<Manager>) -> Router {
-    Router::new()
-        .route("/anthropic/{*rest}", any(anthropic))
-        .route("/openai/{*rest}", any(openai))
-        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-        .with_state(manager)
+    // Each flavour under its own name: /anthropic/…, /openai/….
+    let served = |flavour: ModelFlavour| {
+        let path = format!("/{}/{{*rest}}", flavour.as_str());
+        Router::new().route(&path, any(handle)).with_state((manager.clone(), flavour))
+    };
+    served(ModelFlavour::Anthropic).merge(served(ModelFlavour::Openai)).layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
 }
 
 struct Forward {
@@ -118,8 +119,8 @@ struct Forward {
     body: Bytes,
 }
 
-async fn anthropic(
-    State(manager): State<Arc<Manager>>,
+async fn handle(
+    State((manager, flavour)): State<(Arc<Manager>, ModelFlavour)>,
     Extension(FromSandbox(sandbox)): Extension<FromSandbox>,
     Path(rest): Path<String>,
     method: Method,
@@ -128,20 +129,7 @@ async fn anthropic(
     body: Bytes,
 ) -> Response {
     let query = uri.query().map(str::to_owned);
-    forward(manager, ModelFlavour::Anthropic, Forward { sandbox, method, rest, query, headers, body }).await
-}
-
-async fn openai(
-    State(manager): State<Arc<Manager>>,
-    Extension(FromSandbox(sandbox)): Extension<FromSandbox>,
-    Path(rest): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let query = uri.query().map(str::to_owned);
-    forward(manager, ModelFlavour::Openai, Forward { sandbox, method, rest, query, headers, body }).await
+    forward(manager, flavour, Forward { sandbox, method, rest, query, headers, body }).await
 }
 
 /// What kind of refusal, spelled in each API's own vocabulary.
