@@ -93,7 +93,7 @@ async fn run_server(config: Option<PathBuf>, listen: Option<std::net::SocketAddr
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn,tower=warn".into()),
+                .unwrap_or_else(|_| "info,sqlx=warn,tower=warn,hickory_server=warn".into()),
         )
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
