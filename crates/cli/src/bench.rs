@@ -93,6 +93,24 @@ pub fn percentile(samples: &[f64], p: f64) -> f64 {
     s[rank.min(s.len() - 1)]
 }
 
+/// Writes `value` to a root-only file, as the daemon wants its secrets.
+pub fn private_file(dir: &std::path::Path, name: &str, value: &str) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, value)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(path)
+}
+
+/// The values of `field` (`ms`, `credentials_ms`…) in the daemon's "sandbox resumed" lines for `id`.
+pub fn resumes_logged(log: &str, id: &str, field: &str) -> Vec<f64> {
+    let prefix = format!("{field}=");
+    log.lines()
+        .filter(|l| l.contains("sandbox resumed") && l.contains(id))
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix(prefix.as_str())?.parse().ok()))
+        .collect()
+}
+
 fn meminfo_kib(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())

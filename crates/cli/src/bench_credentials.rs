@@ -14,7 +14,7 @@ use reqwest::Method;
 use serde::Deserialize;
 use torpor_control::model::{CreateSandbox, ExecEvent, ExecRequest, GitHubGrant, ModelGrant, NetworkPolicy, Sandbox};
 
-use crate::bench::{exec_true, percentile};
+use crate::bench::{exec_true, percentile, private_file, resumes_logged};
 use crate::bench_network::BenchDaemon;
 use crate::client::Client;
 
@@ -81,14 +81,6 @@ pub struct Params {
     pub calls: usize,
     pub words: usize,
     pub cycles: usize,
-}
-
-fn private_file(dir: &std::path::Path, name: &str, value: &str) -> Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, value)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(path)
 }
 
 pub async fn run(p: Params) -> Result<()> {
@@ -174,7 +166,7 @@ pub async fn run(p: Params) -> Result<()> {
         let _ = client.send(client.request(Method::DELETE, &format!("/v1/sandboxes/{id}"))).await;
     }
     let log = daemon.log();
-    let pushes = |id: &str| credentials_ms(&log, id);
+    let pushes = |id: &str| resumes_logged(&log, id, "credentials_ms");
     let (plain_push, pushed_push, minted_push) = (pushes(&bare.id), pushes(&sandbox.id), pushes(&due.id));
     drop(daemon);
     drop(lab);
@@ -209,14 +201,6 @@ pub async fn run(p: Params) -> Result<()> {
     println!("\ncredential refresh = issuing and pushing every credential, from the daemon's own timing (it runs");
     println!("alongside the guest clock sync); the GitHub here is a local fake, a real one adds its round trip.");
     Ok(())
-}
-
-/// The credential refresh times the daemon logged for `id`'s resumes.
-fn credentials_ms(log: &str, id: &str) -> Vec<f64> {
-    log.lines()
-        .filter(|l| l.contains("sandbox resumed") && l.contains(id))
-        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("credentials_ms=")?.parse().ok()))
-        .collect()
 }
 
 /// Pause, stay paused until `idle` after the last resume, resume, time until an exec

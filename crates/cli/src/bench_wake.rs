@@ -11,21 +11,12 @@ use anyhow::{bail, Context, Result};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::bench::percentile;
+use crate::bench::{percentile, private_file, resumes_logged};
 use crate::bench_network::BenchDaemon;
-use crate::client::Client;
 
 const POOL: &str = "10.197.0.0/16";
 const BOT_TOKEN: &str = "1:bench";
 const HOOK_SECRET: &str = "bench-hook";
-
-fn private_file(dir: &std::path::Path, name: &str, value: &str) -> Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, value)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(path.display().to_string())
-}
 
 pub async fn run(runs: usize) -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -39,8 +30,8 @@ pub async fn run(runs: usize) -> Result<()> {
     let config = format!(
         "telegram_api_url = \"{}\"\n[secrets.BOT]\nfile = \"{}\"\n[secrets.HOOK]\nfile = \"{}\"\n",
         telegram.url,
-        private_file(secrets.path(), "bot", BOT_TOKEN)?,
-        private_file(secrets.path(), "hook", HOOK_SECRET)?,
+        private_file(secrets.path(), "bot", BOT_TOKEN)?.display(),
+        private_file(secrets.path(), "hook", HOOK_SECRET)?.display(),
     );
     eprintln!("==> a private daemon with a Telegram channel (echo agent) and a fake Telegram at {}", telegram.url);
     let (daemon, client) = BenchDaemon::start(std::net::Ipv4Addr::LOCALHOST, POOL, &config).await?;
@@ -48,7 +39,7 @@ pub async fn run(runs: usize) -> Result<()> {
         "telegram": {"bot_token": "BOT", "webhook_secret": "HOOK"}});
     let _: Value = client.json(Method::POST, "/v1/channels", Some(&channel)).await?;
     let http = reqwest::Client::new();
-    let hook = format!("{}/v1/hooks/telegram/bench", daemon_url(&client));
+    let hook = format!("{}/v1/hooks/telegram/bench", client.base());
     let mut update_id = 0i64;
     let mut message = |text: &str| {
         update_id += 1;
@@ -89,7 +80,7 @@ pub async fn run(runs: usize) -> Result<()> {
         let _: Value = client.json(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None::<&()>).await?;
         paused.push(round_trip(message(&format!("paused {i}"))).await?);
     }
-    let resumes = resume_ms(&daemon.log(), &id);
+    let resumes = resumes_logged(&daemon.log(), &id, "ms");
     drop(daemon);
 
     let pair = |s: &[f64]| format!("{:.1} / {:.1}", percentile(s, 50.0), percentile(s, 95.0));
@@ -107,16 +98,4 @@ pub async fn run(runs: usize) -> Result<()> {
         100.0 * p50_resume / p50_paused
     );
     Ok(())
-}
-
-fn daemon_url(client: &Client) -> String {
-    client.base().to_owned()
-}
-
-/// The resume times the daemon logged for `id`.
-fn resume_ms(log: &str, id: &str) -> Vec<f64> {
-    log.lines()
-        .filter(|l| l.contains("sandbox resumed") && l.contains(id))
-        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("ms=")?.parse().ok()))
-        .collect()
 }

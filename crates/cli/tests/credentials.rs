@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Daemon, Options};
+use common::{private_file, wait_for, Daemon, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use torpor_lab::{FakeGitHub, FakeModels, GitHubApp};
@@ -24,14 +23,6 @@ async fn sh(d: &Daemon, id: &str, script: &str) -> String {
     let (code, out, err) = d.exec(id, &["sh", "-c", script]).await;
     assert_eq!(code, Some(0), "{script}: {}", String::from_utf8_lossy(&err));
     String::from_utf8_lossy(&out).trim().to_owned()
-}
-
-fn private_file(dir: &Path, name: &str, value: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{value}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
 }
 
 fn random_key(prefix: &str) -> String {

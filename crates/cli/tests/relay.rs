@@ -5,22 +5,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Daemon, Options};
+use common::{private_file, wait_for, Daemon, Options};
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use torpor_lab::{slack_signature, FakeSlack, FakeTelegram};
-
-fn private_file(dir: &Path, name: &str, value: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{value}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path.display().to_string()
-}
 
 /// (event name, data, arrival) of each server-sent event of an HTTP channel reply.
 async fn send(d: &Daemon, channel: &str, body: Value) -> (StatusCode, Vec<(String, Value, Instant)>) {
@@ -279,10 +270,10 @@ async fn chat_daemon(telegram: &FakeTelegram, slack: &FakeSlack) -> Chat {
          [secrets.SLACK_TOKEN]\nfile = \"{}\"\n[secrets.SLACK_SIGNING]\nfile = \"{}\"\n",
         telegram.url,
         slack.url,
-        private_file(secrets.path(), "tg-token", "123:bot-token"),
-        private_file(secrets.path(), "tg-hook", "hook-secret"),
-        private_file(secrets.path(), "slack-token", "xoxb-test"),
-        private_file(secrets.path(), "slack-signing", "signing-secret"),
+        private_file(secrets.path(), "tg-token", "123:bot-token").display(),
+        private_file(secrets.path(), "tg-hook", "hook-secret").display(),
+        private_file(secrets.path(), "slack-token", "xoxb-test").display(),
+        private_file(secrets.path(), "slack-signing", "signing-secret").display(),
     );
     let d = Daemon::start_with(Options { extra_config: config, ..Default::default() }).await;
     Chat { d, _secrets: secrets }

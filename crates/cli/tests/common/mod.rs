@@ -332,6 +332,15 @@ pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut che
     }
 }
 
+/// Writes `value` (and a newline) to a root-only file, as the daemon wants its secrets.
+pub fn private_file(dir: &Path, name: &str, value: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{value}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
 pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))

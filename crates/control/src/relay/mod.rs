@@ -144,21 +144,18 @@ impl Relay {
             ));
         }
         if let Some(key) = key {
-            let stored = match &reply {
-                Reply::Http(_) => None,
-                Reply::Telegram { chat_id, reply_to } => Some(StoredJob {
-                    conversation: conversation.to_owned(),
-                    text: text.clone(),
-                    telegram: Some((*chat_id, *reply_to)),
-                    slack: None,
-                }),
-                Reply::Slack { channel, thread_ts } => Some(StoredJob {
-                    conversation: conversation.to_owned(),
-                    text: text.clone(),
-                    telegram: None,
-                    slack: Some((channel.clone(), thread_ts.clone())),
-                }),
+            let (telegram, slack) = match &reply {
+                Reply::Http(_) => (None, None),
+                Reply::Telegram { chat_id, reply_to } => (Some((*chat_id, *reply_to)), None),
+                Reply::Slack { channel, thread_ts } => (None, Some((channel.clone(), thread_ts.clone()))),
             };
+            let storable = telegram.is_some() || slack.is_some();
+            let stored = storable.then(|| StoredJob {
+                conversation: conversation.to_owned(),
+                text: text.clone(),
+                telegram,
+                slack,
+            });
             let stored = stored.map(|s| serde_json::to_string(&s).expect("jobs serialise"));
             if !self.manager.store().first_delivery(&channel.spec.name, key, stored.as_deref()).await? {
                 tracing::info!(channel = %channel.spec.name, %key, "duplicate delivery ignored");
