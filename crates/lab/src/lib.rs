@@ -22,7 +22,7 @@ mod models;
 
 pub use chat::{slack_signature, FakeSlack, FakeTelegram, SlackPost, TelegramMessage};
 pub use github::{FakeGitHub, GitHubApp};
-pub use models::{FakeModels, ModelRequest};
+pub use models::{FakeModels, ModelRequest, ToolScript};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
