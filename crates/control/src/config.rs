@@ -84,6 +84,9 @@ pub struct Config {
     pub telegram_api_url: String,
     /// Slack Web API root (replies of Slack channels).
     pub slack_api_url: String,
+    /// The package registries a template's network policy means by `@registries` (the `coder`
+    /// template allows them): names as in `allow_domains`.
+    pub package_registries: Vec<String>,
 }
 
 /// A GitHub App installed on the account whose repositories sandboxes work on.
@@ -193,6 +196,18 @@ impl Default for Config {
             default_model_token_budget: 0,
             telegram_api_url: "https://api.telegram.org".into(),
             slack_api_url: "https://slack.com/api".into(),
+            package_registries: [
+                "deb.debian.org",
+                "security.debian.org",
+                "registry.npmjs.org",
+                "pypi.org",
+                "files.pythonhosted.org",
+                "crates.io",
+                "index.crates.io",
+                "static.crates.io",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

@@ -127,7 +127,7 @@ impl Manager {
     /// Replaces the policy. Stored first, so it holds after any restart; then applied to the
     /// live firewall, which cuts connections the new policy denies.
     pub async fn set_network(&self, id: &str, policy: NetworkPolicy) -> Result<NetworkStatus, ApiError> {
-        let policy = policy.canonical()?;
+        let policy = policy.canonical(&self.cfg.package_registries)?;
         let egress_policy = policy.to_egress()?;
         self.record(id).await?;
         // No lifecycle operation may set up or tear down the namespace meanwhile.

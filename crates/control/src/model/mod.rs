@@ -202,7 +202,7 @@ impl CreateSandbox {
         if self.cold_boot && template != BASE_TEMPLATE {
             return Err(ApiError::invalid(format!("template {template:?} is a snapshot and cannot be cold-booted")));
         }
-        let network = self.network.map(|n| n.canonical()).transpose()?;
+        let network = self.network.map(|n| n.canonical(&cfg.package_registries)).transpose()?;
         let disk_mib = self.disk_mib.unwrap_or(cfg.default_disk_mib);
         if !(64..=cfg.max_disk_mib).contains(&disk_mib) {
             return Err(ApiError::invalid(format!(
@@ -265,6 +265,9 @@ pub struct NetworkPolicy {
     pub allow_cidrs: Vec<String>,
 }
 
+/// In `allow_domains`: every name of the daemon's `package_registries`.
+pub const REGISTRIES: &str = "@registries";
+
 impl NetworkPolicy {
     pub fn to_egress(&self) -> Result<torpor_net::EgressPolicy, ApiError> {
         let mode = match self.mode {
@@ -276,8 +279,13 @@ impl NetworkPolicy {
             .map_err(|e| ApiError::invalid(format!("network policy: {e}")))
     }
 
-    /// Checked, with every entry in canonical form (lower case, networks masked, no duplicates).
-    pub fn canonical(self) -> Result<Self, ApiError> {
+    /// Checked, with every entry in canonical form (lower case, networks masked, no duplicates),
+    /// and `@registries` replaced by the daemon's `package_registries`.
+    pub fn canonical(mut self, registries: &[String]) -> Result<Self, ApiError> {
+        if self.allow_domains.iter().any(|d| d == REGISTRIES) {
+            self.allow_domains.retain(|d| d != REGISTRIES);
+            self.allow_domains.extend(registries.iter().cloned());
+        }
         let parsed = self.to_egress()?;
         Ok(Self {
             mode: self.mode,
@@ -354,6 +362,10 @@ pub struct Template {
     pub models: Option<ModelGrant>,
     /// The agent its sandboxes run.
     pub agent: Option<AgentConfig>,
+    /// Host disk its snapshot takes: memory image and disk layer, allocated blocks only (the
+    /// guest image it was booted from is shared by every template and not counted).
+    pub size_bytes: u64,
+    /// When it was built.
     pub created_at: DateTime<Utc>,
 }
 
@@ -533,6 +545,22 @@ pub struct SignalRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registries_expand_to_the_configured_names() {
+        let policy = NetworkPolicy {
+            mode: NetworkMode::Allowlist,
+            allow_domains: vec!["GitHub.com".into(), REGISTRIES.into()],
+            allow_cidrs: vec![],
+        };
+        let registries = vec!["pypi.org".to_owned(), "registry.npmjs.org".to_owned()];
+        let c = policy.clone().canonical(&registries).unwrap();
+        assert_eq!(c.allow_domains, ["github.com", "pypi.org", "registry.npmjs.org"]);
+        // With none configured it allows nothing more, and no other `@` name is accepted.
+        assert_eq!(policy.canonical(&[]).unwrap().allow_domains, ["github.com"]);
+        let bad = NetworkPolicy { allow_domains: vec!["@mirrors".into()], ..Default::default() };
+        assert!(NetworkPolicy { mode: NetworkMode::Allowlist, ..bad }.canonical(&registries).is_err());
+    }
 
     #[test]
     fn ids_are_valid_and_distinct() {
