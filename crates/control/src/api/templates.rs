@@ -32,7 +32,9 @@ pub async fn create(
         network: req.network.unwrap_or_default(),
         secrets: req.secrets,
         github: req.github.map(|g| g.validate(cfg)).transpose()?,
-        models: req.models.map(|m| m.validate(cfg)).transpose()?,
+        // Checked now, kept as given: omitted providers and budget mean the daemon's at each
+        // create, so a provider configured after the build reaches the template's sandboxes.
+        models: req.models.map(|m| m.clone().validate(cfg).map(|_| m)).transpose()?,
         agent: req.agent.map(|a| a.validate().map(|()| a)).transpose()?,
     };
     let t = tokio::spawn(async move { manager.capture(&req.name, &req.sandbox, defaults).await })

@@ -361,7 +361,7 @@ impl Manager {
             rec.github = template.github.clone();
         }
         if req.models.is_none() {
-            rec.models = template.models.clone();
+            rec.models = template.models.clone().map(|m| m.validate(&self.cfg)).transpose()?;
         }
         if req.agent.is_none() {
             rec.agent = template.agent.clone();

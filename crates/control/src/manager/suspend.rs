@@ -300,6 +300,12 @@ impl Manager {
     }
 }
 
+/// Allocated bytes of one file (0 if it is missing).
+pub(super) fn file_bytes_on_disk(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
 /// Allocated bytes of every file in a sandbox's directory (sparse files count what they hold).
 pub(super) fn dir_bytes_on_disk(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
