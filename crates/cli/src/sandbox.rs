@@ -223,7 +223,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
                 println!(
                     "{:<40} {:>6} {:<6} {}",
                     c["conversation"].as_str().unwrap_or(""),
-                    c["turns"],
+                    c["turns"].as_u64().unwrap_or(0),
                     if c["busy"] == true { "yes" } else { "no" },
                     c["session"].as_str().unwrap_or("")
                 );

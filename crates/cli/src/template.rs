@@ -19,13 +19,19 @@ use crate::client::Client;
 
 #[derive(Subcommand)]
 pub enum TemplateCommand {
-    /// Build template NAME from a template file (format: README, "Pause, resume and templates").
+    /// Build template NAME from a template file (format: docs/templates.md), or build one of the
+    /// templates shipped with Torpor (`coder`) when no file is given.
     Build {
         /// Template name: 1-40 of a-z, 0-9 and -.
         name: String,
-        /// The template file (TOML).
+        /// The template file (TOML); `source` paths in it are relative to it. Default: the shipped
+        /// template called NAME.
         #[arg(short = 'f', long = "file")]
-        file: PathBuf,
+        file: Option<PathBuf>,
+        /// A CA certificate (PEM) the build VM and the template's sandboxes trust, for a
+        /// TLS-intercepting proxy between the host and the package registries (repeatable).
+        #[arg(long = "ca-cert", value_name = "PEM")]
+        ca_certs: Vec<PathBuf>,
     },
     /// List templates.
     List {
@@ -148,7 +154,13 @@ impl TemplateFile {
 pub async fn run(cmd: TemplateCommand, url: &str, api_key: Option<String>) -> Result<()> {
     let client = Client::new(url, api_key)?;
     match cmd {
-        TemplateCommand::Build { name, file } => build(&client, &name, &file).await,
+        TemplateCommand::Build { name, file, ca_certs } => {
+            let origin = match file {
+                Some(file) => Origin::from_file(&file)?,
+                None => Origin::shipped(&name)?,
+            };
+            build(&client, &name, &origin, &ca_certs).await
+        }
         TemplateCommand::List { json } => {
             let list: serde_json::Value = client.json(Method::GET, "/v1/templates", None::<&()>).await?;
             let templates: Vec<Template> = serde_json::from_value(list["templates"].clone())?;
@@ -156,17 +168,18 @@ pub async fn run(cmd: TemplateCommand, url: &str, api_key: Option<String>) -> Re
                 println!("{}", serde_json::to_string_pretty(&templates)?);
             } else {
                 println!(
-                    "{:<20} {:>5} {:>8}  {:<20} {:<24} NETWORK",
-                    "NAME", "VCPUS", "MEMORY", "CREATED", "PROCESSES"
+                    "{:<16} {:>5} {:>7} {:>9}  {:<16} {:<28} NETWORK",
+                    "NAME", "VCPUS", "MEMORY", "SIZE", "BUILT", "RUNNING"
                 );
                 for t in templates {
                     println!(
-                        "{:<20} {:>5} {:>7}M  {:<20} {:<24} {}",
+                        "{:<16} {:>5} {:>6}M {:>9}  {:<16} {:<28} {}",
                         t.name,
                         t.vcpus,
                         t.memory_mib,
-                        t.created_at.format("%Y-%m-%d %H:%M:%S"),
-                        t.processes.join(", "),
+                        human_bytes(t.size_bytes),
+                        t.created_at.format("%Y-%m-%d %H:%M"),
+                        running(&t),
                         describe_policy(&t.network)
                     );
                 }
@@ -195,11 +208,100 @@ fn shell(command: &str) -> ExecRequest {
     ExecRequest { argv: vec!["sh".into(), "-c".into(), command.into()], ..Default::default() }
 }
 
-async fn build(client: &Client, name: &str, file: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let spec = TemplateFile::parse(&text).with_context(|| format!("in {}", file.display()))?;
-    let base_dir = file.parent().unwrap_or(Path::new("."));
-    let steps = 2 + spec.files.len() + spec.run_steps().len() + spec.processes.len();
+/// The templates that ship inside this binary, each a directory with `template.toml`.
+static SHIPPED: include_dir::Dir = include_dir::include_dir!("$CARGO_MANIFEST_DIR/../../templates");
+
+/// Where a template file and the files it names come from.
+pub enum Origin {
+    File { path: PathBuf, text: String },
+    Shipped { name: String, dir: &'static include_dir::Dir<'static>, text: String },
+}
+
+impl Origin {
+    fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Origin::File { path: path.to_owned(), text })
+    }
+
+    pub fn shipped(name: &str) -> Result<Self> {
+        let dir = SHIPPED.get_dir(name).filter(|d| d.get_file(d.path().join("template.toml")).is_some());
+        let Some(dir) = dir else {
+            let names: Vec<String> = SHIPPED.dirs().map(|d| d.path().display().to_string()).collect::<Vec<_>>();
+            bail!(
+                "no template file given (-f FILE) and no template called {name:?} ships with torpor; shipped: {}",
+                names.join(", ")
+            );
+        };
+        let file = dir.get_file(dir.path().join("template.toml")).expect("checked above");
+        let text = file.contents_utf8().context("shipped template.toml is not UTF-8")?.to_owned();
+        Ok(Origin::Shipped { name: name.to_owned(), dir, text })
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            Origin::File { text, .. } | Origin::Shipped { text, .. } => text,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Origin::File { path, .. } => path.display().to_string(),
+            Origin::Shipped { name, .. } => format!("the shipped template {name}"),
+        }
+    }
+
+    /// A `source` file, relative to the template file.
+    fn read(&self, source: &Path) -> Result<Vec<u8>> {
+        match self {
+            Origin::File { path, .. } => {
+                let full = path.parent().unwrap_or(Path::new(".")).join(source);
+                std::fs::read(&full).with_context(|| format!("reading {}", full.display()))
+            }
+            Origin::Shipped { name, dir, .. } => dir
+                .get_file(dir.path().join(source))
+                .map(|f| f.contents().to_vec())
+                .with_context(|| format!("the shipped template {name} has no file {}", source.display())),
+        }
+    }
+}
+
+const CA_DIR: &str = "/usr/local/share/ca-certificates";
+
+/// Run in the build VM after the build steps, before the processes start: drops the page cache
+/// and fills free memory with zeros once (the kernel zeroes each page a process touches first),
+/// so the daemon can leave those pages out of the template's memory image. The filler is the
+/// OOM killer's first choice and leaves 64 MiB free.
+const COMPACT: &str = r#"sync && echo 3 > /proc/sys/vm/drop_caches || exit 1
+command -v python3 >/dev/null || exit 0
+python3 - <<'EOF'
+import mmap
+open("/proc/self/oom_score_adj", "w").write("1000")
+free = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemFree:")) * 1024
+chunk = 1 << 20
+size = (max(0, free - (64 << 20)) // chunk) * chunk
+if size:
+    m = mmap.mmap(-1, size)
+    zero = bytes(chunk)
+    for offset in range(0, size, chunk):
+        m[offset:offset + chunk] = zero
+    m.close()
+EOF"#;
+
+pub(crate) async fn build(client: &Client, name: &str, origin: &Origin, ca_certs: &[PathBuf]) -> Result<()> {
+    let spec = TemplateFile::parse(origin.text()).with_context(|| format!("in {}", origin.describe()))?;
+    if let Some(network) = &spec.network {
+        // Checked here too, so a typo fails now rather than at the capture, after the build.
+        network.clone().canonical(&[]).map_err(|e| anyhow::anyhow!("[network]: {}", e.message))?;
+    }
+    let mut cas = Vec::new();
+    for path in ca_certs {
+        let pem = std::fs::read(path).with_context(|| format!("reading CA certificate {}", path.display()))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            bail!("{} is not a PEM certificate (no BEGIN CERTIFICATE line)", path.display());
+        }
+        cas.push(pem);
+    }
+    let steps = 3 + cas.len() + spec.files.len() + spec.run_steps().len() + spec.processes.len();
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{pos}/{len}] [{elapsed_precise}] {wide_msg}").expect("valid template"),
@@ -214,13 +316,20 @@ async fn build(client: &Client, name: &str, file: &Path) -> Result<()> {
         idle_timeout_secs: Some(0),
         cold_boot: true,
         network: Some(spec.build_policy()),
+        // The template's grants, given to the build VM too: the daemon checks them before
+        // anything boots (not after a ten-minute build), and build steps can use them (a private
+        // registry's token, a private repository). The capture strips them again.
+        secrets: (!spec.secrets.is_empty()).then(|| spec.secrets.clone()),
+        github: spec.github.clone(),
+        models: spec.models.clone(),
+        agent: spec.agent.clone(),
         ..Default::default()
     };
     let sandbox: Sandbox =
         client.json(Method::POST, "/v1/sandboxes", Some(&req)).await.context("creating the build VM")?;
     let id = sandbox.id.clone();
     bar.inc(1);
-    let result = build_in(client, &id, name, &spec, base_dir, &bar).await;
+    let result = build_in(client, &id, name, &spec, origin, &cas, &bar).await;
     bar.finish_and_clear();
     match result {
         Ok(t) => {
@@ -245,25 +354,36 @@ async fn build_in(
     id: &str,
     name: &str,
     spec: &TemplateFile,
-    base_dir: &Path,
+    origin: &Origin,
+    cas: &[Vec<u8>],
     bar: &ProgressBar,
 ) -> Result<Template> {
+    let put = |path: String, mode: String, data: Vec<u8>| async move {
+        let req = client
+            .request(Method::PUT, &format!("/v1/sandboxes/{id}/files"))
+            .query(&[("path", path.as_str()), ("mode", mode.as_str())])
+            .body(data);
+        client.send(req).await.with_context(|| format!("adding file {path}"))
+    };
+    for (i, pem) in cas.iter().enumerate() {
+        bar.set_message("adding a CA certificate");
+        put(format!("{CA_DIR}/torpor-build-{i}.crt"), "644".into(), pem.clone()).await?;
+    }
+    if !cas.is_empty() {
+        let (code, output) = exec(client, id, shell("update-ca-certificates")).await?;
+        if code != Some(0) {
+            bail!("update-ca-certificates failed (exit {code:?}): {}", output.trim_end());
+        }
+        bar.inc(cas.len() as u64);
+    }
     for f in &spec.files {
         bar.set_message(format!("adding {}", f.path));
         let data = match (&f.content, &f.source) {
             (Some(c), _) => c.clone().into_bytes(),
-            (None, Some(src)) => {
-                let path = base_dir.join(src);
-                std::fs::read(&path).with_context(|| format!("file {}: reading {}", f.path, path.display()))?
-            }
+            (None, Some(src)) => origin.read(src).with_context(|| format!("file {}", f.path))?,
             (None, None) => unreachable!("checked when parsing"),
         };
-        let mode = f.mode.clone().unwrap_or_else(|| "644".into());
-        let req = client
-            .request(Method::PUT, &format!("/v1/sandboxes/{id}/files"))
-            .query(&[("path", f.path.as_str()), ("mode", mode.as_str())])
-            .body(data);
-        client.send(req).await.with_context(|| format!("adding file {}", f.path))?;
+        put(f.path.clone(), f.mode.clone().unwrap_or_else(|| "644".into()), data).await?;
         bar.inc(1);
     }
     for r in &spec.run_steps() {
@@ -275,54 +395,25 @@ async fn build_in(
         }
         bar.inc(1);
     }
+    // What the build left in the page cache would otherwise be in every clone's memory.
+    bar.set_message("dropping the build's page cache and zeroing free memory");
+    let (code, output) = exec(client, id, shell(COMPACT)).await?;
+    if code != Some(0) {
+        bail!("compacting the build VM's memory failed (exit {code:?}): {}", output.trim_end());
+    }
+    bar.inc(1);
     for p in &spec.processes {
         bar.set_message(format!("starting {} and waiting until it is ready", p.name));
-        let mut env = BTreeMap::new();
-        env.insert("TORPOR_PROCESS_COMMAND".to_owned(), p.command.clone());
-        let start = ExecRequest {
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                format!(
-                    "mkdir -p /var/log/torpor && setsid sh -c \"$TORPOR_PROCESS_COMMAND\" >/var/log/torpor/{}.log 2>&1 </dev/null &",
-                    p.name
-                ),
-            ],
-            env,
-            cwd: p.cwd.clone(),
-            ..Default::default()
-        };
-        let (code, output) = exec(client, id, start).await?;
-        if code != Some(0) {
-            bail!("starting process {} failed: {}\n{}", p.name, p.command, output.trim_end());
-        }
-        let timeout = Duration::from_secs(p.ready_timeout_secs.unwrap_or(60));
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (code, output) = exec(client, id, shell(&p.ready)).await?;
-            if code == Some(0) {
-                break;
-            }
-            if Instant::now() > deadline {
-                let (_, log) = exec(client, id, shell(&format!("tail -n 20 /var/log/torpor/{}.log", p.name))).await?;
-                bail!(
-                    "process {} was not ready within {} s: `{}` last said:\n{}\n--- its log ---\n{}",
-                    p.name,
-                    timeout.as_secs(),
-                    p.ready,
-                    output.trim_end(),
-                    log.trim_end()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        start_process(client, id, p).await?;
         bar.inc(1);
     }
     bar.set_message("snapshotting the running VM");
     let req = CreateTemplate {
         name: name.to_owned(),
         sandbox: id.to_owned(),
-        processes: spec.processes.iter().map(|p| p.name.clone()).collect(),
+        processes: std::iter::once("torpor-guest".to_owned())
+            .chain(spec.processes.iter().map(|p| p.name.clone()))
+            .collect(),
         network: spec.network.clone(),
         secrets: spec.secrets.clone(),
         github: spec.github.clone(),
@@ -332,6 +423,71 @@ async fn build_in(
     let t: Template = client.json(Method::POST, "/v1/templates", Some(&req)).await.context("capturing the template")?;
     bar.inc(1);
     Ok(t)
+}
+
+/// What a sandbox from `t` has running at create: `torpor-guest, chromium; agent claude-code`.
+fn running(t: &Template) -> String {
+    let mut text = t.processes.join(", ");
+    if let Some(agent) = &t.agent {
+        text.push_str(&format!("; agent {}", agent.adapter));
+    }
+    text
+}
+
+/// `1.4 GiB`, `310 MiB`.
+fn human_bytes(n: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let mib = n as f64 / MIB;
+    if mib >= 1024.0 {
+        format!("{:.1} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.0} MiB")
+    }
+}
+
+/// Starts `p` in the background of sandbox `id` (detached, output to /var/log/torpor/NAME.log)
+/// and waits until its ready check passes.
+pub(crate) async fn start_process(client: &Client, id: &str, p: &ProcessSpec) -> Result<()> {
+    let mut env = BTreeMap::new();
+    env.insert("TORPOR_PROCESS_COMMAND".to_owned(), p.command.clone());
+    let start = ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "mkdir -p /var/log/torpor && setsid sh -c \"$TORPOR_PROCESS_COMMAND\" >/var/log/torpor/{}.log 2>&1 </dev/null &",
+                p.name
+            ),
+        ],
+        env,
+        cwd: p.cwd.clone(),
+        ..Default::default()
+    };
+    let (code, output) = exec(client, id, start).await?;
+    if code != Some(0) {
+        bail!("starting process {} failed: {}\n{}", p.name, p.command, output.trim_end());
+    }
+    let timeout = Duration::from_secs(p.ready_timeout_secs.unwrap_or(60));
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (code, output) = exec(client, id, shell(&p.ready)).await?;
+        if code == Some(0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let (_, log) = exec(client, id, shell(&format!("tail -n 20 /var/log/torpor/{}.log", p.name))).await?;
+            bail!(
+                "process {} was not ready within {} s: `{}` last said:\n{}\n--- its log ---\n{}",
+                p.name,
+                timeout.as_secs(),
+                p.ready,
+                output.trim_end(),
+                log.trim_end()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
 }
 
 /// `allowlist: github.com, 10.0.0.0/8:443` in one line.
@@ -351,7 +507,22 @@ fn describe_policy(p: &NetworkPolicy) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::TemplateFile;
+    use super::{Origin, TemplateFile};
+
+    #[test]
+    fn the_shipped_coder_template_is_complete() {
+        let origin = Origin::shipped("coder").unwrap();
+        let t = TemplateFile::parse(origin.text()).unwrap();
+        for f in &t.files {
+            if let Some(src) = &f.source {
+                assert!(!origin.read(src).unwrap().is_empty(), "{} is empty", src.display());
+            }
+        }
+        assert_eq!(t.agent.as_ref().map(|a| a.adapter.as_str()), Some("claude-code"));
+        assert!(t.models.is_some() && t.processes.iter().any(|p| p.name == "chromium"));
+        let err = Origin::shipped("nope").err().unwrap().to_string();
+        assert!(err.contains("-f FILE") && err.contains("coder"), "{err}");
+    }
 
     #[test]
     fn parses_a_full_template() {
