@@ -57,11 +57,6 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// What the credential broker and model proxy cost: model calls through the proxy vs
-    /// straight to the upstream (first byte and total, whole and streamed), and resume → first
-    /// exec with no credentials, with credentials to push, and with a GitHub token to mint.
-    /// Builds its own lab network with fake GitHub and Anthropic APIs and runs a private daemon
-    /// (needs root).
     /// A Telegram message to a sandbox's agent: webhook → reply at Telegram, for a paused and a
     /// running sandbox side by side, and the share of the paused case spent resuming. Runs a
     /// private daemon and a fake Telegram (needs root).
@@ -70,6 +65,11 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// What the credential broker and model proxy cost: model calls through the proxy vs
+    /// straight to the upstream (first byte and total, whole and streamed), and resume → first
+    /// exec with no credentials, with credentials to push, and with a GitHub token to mint.
+    /// Builds its own lab network with fake GitHub and Anthropic APIs and runs a private daemon
+    /// (needs root).
     Credentials {
         /// Model calls per path and kind.
         #[arg(long, default_value_t = 100)]
@@ -80,6 +80,18 @@ pub enum BenchCommand {
         /// Pause/resume cycles per kind.
         #[arg(long, default_value_t = 10)]
         cycles: usize,
+    },
+    /// The `coder` template against a cold boot of the same disk with the same processes
+    /// started by hand: request → Chromium's DevTools answers, request → the agent's first
+    /// reply, memory and disk per sandbox. Runs a private daemon with a fake model API and
+    /// builds the template in it first (minutes; needs root and the package registries).
+    Coder {
+        /// Sandboxes per side.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// A CA certificate (PEM) the template build trusts, as for `template build` (repeatable).
+        #[arg(long = "ca-cert", value_name = "PEM")]
+        ca_certs: Vec<std::path::PathBuf>,
     },
 }
 
@@ -145,6 +157,9 @@ pub async fn run(cmd: BenchCommand, url: &str, api_key: Option<String>) -> Resul
         BenchCommand::Wake { runs } => crate::bench_wake::run(runs).await,
         BenchCommand::Credentials { calls, words, cycles } => {
             crate::bench_credentials::run(crate::bench_credentials::Params { calls, words, cycles }).await
+        }
+        BenchCommand::Coder { runs, ca_certs } => {
+            crate::bench_coder::run(crate::bench_coder::Params { runs, ca_certs }).await
         }
     }
 }

@@ -104,7 +104,7 @@ pub async fn run(p: Params) -> Result<()> {
         app.private_key_file().display(),
         key_file.display()
     );
-    let (daemon, client) = BenchDaemon::start(lab.dns_server(), POOL, &config).await?;
+    let (daemon, client) = BenchDaemon::start(Some(lab.dns_server()), POOL, &config).await?;
 
     let granted = CreateSandbox {
         idle_timeout_secs: Some(0),

@@ -123,13 +123,15 @@ pub(crate) struct BenchDaemon {
 }
 
 impl BenchDaemon {
-    /// `extra`: more config, appended last (it may open tables).
-    pub(crate) async fn start(upstream: std::net::Ipv4Addr, pool: &str, extra: &str) -> Result<(Self, Client)> {
+    /// `upstream`: the sandboxes' DNS upstream (None: the host's). `extra`: more config,
+    /// appended last (it may open tables).
+    pub(crate) async fn start(upstream: Option<std::net::Ipv4Addr>, pool: &str, extra: &str) -> Result<(Self, Client)> {
         let home = tempfile::Builder::new().prefix("torpor-bench-").tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let image_dir = std::env::var_os("TORPOR_IMAGES").unwrap_or_else(|| "/var/cache/torpor/images".into());
+        let upstream = upstream.map(|u| format!("dns_upstreams = [\"{u}\"]\n")).unwrap_or_default();
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"{pool}\"\ndns_upstreams = [\"{upstream}\"]\n{extra}\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nimage_dir = \"{}\"\naddress_pool = \"{pool}\"\n{upstream}{extra}\n",
             home.path().display(),
             Path::new(&image_dir).display(),
         );
@@ -201,7 +203,7 @@ pub async fn run(p: Params) -> Result<()> {
     }
     let refs: Vec<(&str, std::net::Ipv4Addr)> = records.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     lab.set_records(&refs)?;
-    let (daemon, client) = BenchDaemon::start(lab.dns_server(), POOL, "").await?;
+    let (daemon, client) = BenchDaemon::start(Some(lab.dns_server()), POOL, "").await?;
 
     let direct_dns = format!("{}/32:53", lab.dns_server());
     let policies = [

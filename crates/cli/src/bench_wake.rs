@@ -34,7 +34,7 @@ pub async fn run(runs: usize) -> Result<()> {
         private_file(secrets.path(), "hook", HOOK_SECRET)?.display(),
     );
     eprintln!("==> a private daemon with a Telegram channel (echo agent) and a fake Telegram at {}", telegram.url);
-    let (daemon, client) = BenchDaemon::start(std::net::Ipv4Addr::LOCALHOST, POOL, &config).await?;
+    let (daemon, client) = BenchDaemon::start(Some(std::net::Ipv4Addr::LOCALHOST), POOL, &config).await?;
     let channel = json!({"name": "bench", "kind": "telegram", "agent": {"adapter": "echo"}, "idle_timeout_secs": 0,
         "telegram": {"bot_token": "BOT", "webhook_secret": "HOOK"}});
     let _: Value = client.json(Method::POST, "/v1/channels", Some(&channel)).await?;

@@ -1,6 +1,7 @@
 //! `torpor`: the daemon (`torpor server`) and the command-line client for everything else.
 
 mod bench;
+mod bench_coder;
 mod bench_credentials;
 mod bench_lifecycle;
 mod bench_network;
