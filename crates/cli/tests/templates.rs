@@ -115,3 +115,31 @@ async fn a_failing_build_step_reports_its_command_and_output_and_leaves_nothing(
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains("1 vCPU / 512 MiB"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn template_builds_refuse_what_would_fail_late_before_booting_anything() {
+    let d = Daemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fails = |args: &[&str], expect: &[&str]| {
+        let out = d.cli(args, b"");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        for e in expect {
+            assert!(err.contains(e), "{args:?}: {err:?} lacks {e:?}");
+        }
+    };
+    // No file and no shipped template of that name: the shipped ones are listed.
+    fails(&["template", "build", "nope"], &["no template called \"nope\" ships", "coder"]);
+    // The shipped coder template asks for model access, which this daemon cannot give: refused
+    // by the daemon at the build VM's create, not after the build.
+    fails(&["template", "build", "coder"], &["no model upstream configured"]);
+    // A CA file that is not a certificate.
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    fails(&["template", "build", "coder", "--ca-cert", not_pem.to_str().unwrap()], &["not a PEM certificate"]);
+    // A sandbox policy with a typo, found before the build rather than at the capture.
+    let file = dir.path().join("t.toml");
+    std::fs::write(&file, "[network]\nmode = \"allowlist\"\nallow_domains = [\"exa mple.com\"]\n").unwrap();
+    fails(&["template", "build", "t", "-f", file.to_str().unwrap()], &["[network]", "exa mple.com"]);
+    assert!(d.list_ids().await.is_empty(), "a build VM was created");
+}

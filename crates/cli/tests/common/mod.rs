@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod channel;
+
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -69,8 +71,11 @@ pub struct Options {
     pub extra_config: String,
     pub image_dir: Option<PathBuf>,
     /// Start a lab internet (torpor-lab) for this daemon, with records of this TTL, and make
-    /// its DNS server the daemon's upstream.
+    /// its DNS server the daemon's upstream (unless `host_dns`).
     pub internet_ttl: Option<u32>,
+    /// Keep the host's resolver as the sandboxes' upstream even with a lab internet: for
+    /// builds that fetch packages from the real registries.
+    pub host_dns: bool,
     /// More config, written once the lab internet exists (its addresses are known then);
     /// appended last, so it may open TOML tables.
     pub lab_config: Option<LabConfig>,
@@ -88,6 +93,7 @@ impl Daemon {
         let port = 17100 + slot;
         let internet = opts.internet_ttl.map(|ttl| torpor_lab::Internet::start(slot as u8, ttl).expect("lab internet"));
         let upstream = match &internet {
+            Some(_) if opts.host_dns => String::new(),
             Some(net) => format!("dns_upstreams = [\"{}\"]\n", net.dns_server()),
             None => String::new(),
         };
