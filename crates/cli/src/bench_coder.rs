@@ -130,7 +130,7 @@ async fn cold_run(client: &Client, run: usize, spec: &TemplateFile) -> Result<Sa
         let started = Instant::now();
         let _: Value = client.json(Method::POST, &format!("/v1/sandboxes/{id}/start"), None::<&()>).await?;
         for process in &spec.processes {
-            crate::template::start_process(client, &id, process).await?;
+            crate::template::start_process(client, &id, process, &spec.env).await?;
         }
         measure(client, &id, started, &format!("cold-{run}")).await
     }

@@ -44,16 +44,17 @@ fn host_local_cas() -> Vec<PathBuf> {
     found
 }
 
-/// Seconds the process has run, and seconds the guest has run, by the guest's own clock.
-async fn process_age(d: &Daemon, id: &str, pid_command: &str) -> (f64, f64) {
+/// A process by the guest's own clock: its pid, its start (clock ticks after boot) and how long
+/// it has run in seconds.
+async fn process_start(d: &Daemon, id: &str, pid_command: &str) -> (u32, u64, f64) {
     let script = format!(
         "pid=$({pid_command}); test -n \"$pid\" || exit 1; hz=$(getconf CLK_TCK); \
          start=$(awk '{{print $22}}' /proc/$pid/stat); up=$(cut -d' ' -f1 /proc/uptime); \
-         awk -v s=\"$start\" -v hz=\"$hz\" -v up=\"$up\" 'BEGIN {{ printf \"%.2f %.2f\", up - s / hz, up }}'"
+         awk -v p=\"$pid\" -v s=\"$start\" -v hz=\"$hz\" -v up=\"$up\" 'BEGIN {{ printf \"%d %d %.2f\", p, s, up - s / hz }}'"
     );
     let out = sh(d, id, &script).await;
-    let mut parts = out.split_whitespace().map(|v| v.parse::<f64>().unwrap());
-    (parts.next().unwrap(), parts.next().unwrap())
+    let parts: Vec<&str> = out.split_whitespace().collect();
+    (parts[0].parse().unwrap(), parts[1].parse().unwrap(), parts[2].parse().unwrap())
 }
 
 #[tokio::test]
@@ -102,7 +103,7 @@ async fn coder_template_starts_warm_and_runs_a_real_agent_through_the_relay() {
     let out = d.cli(&["template", "list"], b"");
     let listing = String::from_utf8_lossy(&out.stdout);
     let row = listing.lines().find(|l| l.starts_with("coder ")).unwrap_or_else(|| panic!("{listing}"));
-    for part in ["torpor-guest, chromium", "agent claude-code", "allowlist:", "registry.npmjs.org", "github.com"] {
+    for part in ["torpor-guest, chromium", "agent claude-code", "allowlist: @registries", "github.com"] {
         assert!(row.contains(part), "template list row lacks {part:?}: {row}");
     }
     assert!(row.contains("GiB") || row.contains("MiB"), "no size: {row}");
@@ -117,15 +118,25 @@ async fn coder_template_starts_warm_and_runs_a_real_agent_through_the_relay() {
     let version: Value = serde_json::from_slice(&out).unwrap();
     assert!(version["Browser"].as_str().unwrap_or("").contains("Chrom"), "{version}");
     assert!(version["webSocketDebuggerUrl"].is_string(), "{version}");
-    // Chromium and the supervisor have been running longer than this sandbox has existed: they
-    // were started at build time, not by the create.
+    // Chromium and the supervisor have been running longer than this sandbox has existed (the
+    // guest's clock goes on from the snapshot, and cannot have run longer than the host's since
+    // the create began): they were started at build time, not by the create.
+    let mut chromium = (0, 0, 0.0);
     for (what, pid) in [("chromium", "pgrep -o -x chromium"), ("torpor-guest", "echo 1")] {
-        let (age, _) = process_age(&d, &id, pid).await;
+        let started = process_start(&d, &id, pid).await;
         assert!(
-            age > since_create + 1.0,
-            "{what} has run {age:.2} s, but the sandbox was created {since_create:.2} s ago: it was started by the create"
+            started.2 > since_create,
+            "{what} has run {:.2} s, but the sandbox was created {since_create:.2} s ago: it was started by the create",
+            started.2
         );
+        if what == "chromium" {
+            chromium = started;
+        }
     }
+    // The sandbox's policy is the template's, with @registries expanded.
+    let (_, network) = d.call(Method::GET, &format!("/v1/sandboxes/{id}/network"), None).await;
+    let domains = network["allow_domains"].to_string();
+    assert!(domains.contains("registry.npmjs.org") && !domains.contains("@registries"), "{network}");
     let versions = sh(&d, &id, "claude --version && codex --version").await;
     assert!(versions.contains("Claude Code") && versions.to_lowercase().contains("codex"), "{versions}");
     // The browser skill drives the running Chromium.
@@ -136,6 +147,14 @@ async fn coder_template_starts_warm_and_runs_a_real_agent_through_the_relay() {
     )
     .await;
     assert!(page.contains("Torpor page") && page.contains("hello browser"), "{page}");
+    // The run-tests skill finds pytest and passes its exit status on.
+    let suite = "mkdir -p /tmp/proj/tests && cd /tmp/proj && printf 'def test_ok():\\n    assert 1 + 1 == 2\\n' > tests/test_a.py";
+    sh(&d, &id, suite).await;
+    let (code, _, err) = d.exec(&id, &["torpor-run-tests", "/tmp/proj"]).await;
+    assert_eq!(code, Some(0), "{}", String::from_utf8_lossy(&err));
+    sh(&d, &id, "printf 'def test_bad():\\n    assert False\\n' > /tmp/proj/tests/test_b.py").await;
+    let (code, out, _) = d.exec(&id, &["torpor-run-tests", "/tmp/proj"]).await;
+    assert_eq!(code, Some(1), "a failing suite must fail: {}", String::from_utf8_lossy(&out));
     let skills = sh(&d, &id, "ls /root/.claude/skills /root/.codex/skills/").await;
     assert!(skills.matches("browser").count() == 2 && skills.matches("run-tests").count() == 2, "{skills}");
     // The agents reach models only through the proxy: the real keys are nowhere in the guest.
@@ -193,6 +212,10 @@ async fn coder_template_starts_warm_and_runs_a_real_agent_through_the_relay() {
     let before = models.requests().len();
     let codex = d.create(json!({"template": "coder", "agent": {"adapter": "codex"}, "idle_timeout_secs": 0})).await;
     let codex = codex["id"].as_str().unwrap().to_owned();
+    // The same Chromium, down to its pid and its start tick: both clones have the one from the
+    // snapshot.
+    let (pid, start, _) = process_start(&d, &codex, "pgrep -o -x chromium").await;
+    assert_eq!((pid, start), (chromium.0, chromium.1), "a clone has a Chromium of its own");
     create_channel(&d, json!({"name": "codex", "kind": "http", "sandbox": codex})).await;
     let (first, _) = wake_with(&d, &codex, "codex", "CODEX-TASK: compute the answer").await;
     assert!(first["text"].as_str().unwrap().contains("answer.txt holds the answer"), "{first}");

@@ -38,7 +38,7 @@ async fn a_template_build_snapshots_running_processes_and_clones_are_unique() {
     assert!(d.list_ids().await.is_empty());
     let (_, list) = d.call(Method::GET, "/v1/templates", None).await;
     let web = list["templates"].as_array().unwrap().iter().find(|t| t["name"] == "web").cloned().unwrap();
-    assert_eq!(web["processes"], json!(["web"]));
+    assert_eq!(web["processes"], json!(["torpor-guest", "web"]));
 
     let a = d.create(json!({ "template": "web", "idle_timeout_secs": 0 })).await;
     let b = d.create(json!({ "template": "web", "idle_timeout_secs": 0 })).await;
@@ -140,6 +140,17 @@ async fn template_builds_refuse_what_would_fail_late_before_booting_anything() {
     // A sandbox policy with a typo, found before the build rather than at the capture.
     let file = dir.path().join("t.toml");
     std::fs::write(&file, "[network]\nmode = \"allowlist\"\nallow_domains = [\"exa mple.com\"]\n").unwrap();
-    fails(&["template", "build", "t", "-f", file.to_str().unwrap()], &["[network]", "exa mple.com"]);
+    fails(
+        &["template", "build", "t", "-f", file.to_str().unwrap()],
+        &["checking the template's defaults", "exa mple.com"],
+    );
     assert!(d.list_ids().await.is_empty(), "a build VM was created");
+    // The check endpoint itself: good defaults pass, the name of the endpoint is taken.
+    let (status, _) = d.call(Method::POST, "/v1/templates/check", Some(json!({"name": "fine"}))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, err) = d.call(Method::POST, "/v1/templates/check", Some(json!({"name": "check"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    let (status, err) = d.call(Method::POST, "/v1/templates", Some(json!({"name": "fine"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err.to_string().contains("sandbox"), "{err}");
 }

@@ -73,7 +73,7 @@ impl AuthFailures {
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::stop, sandboxes::delete, sandboxes::info,
         sandboxes::pause, sandboxes::resume, sandboxes::connect, sandboxes::start, sandboxes::usage,
         network::get_network, network::put_network,
-        templates::create, templates::list, templates::delete,
+        templates::create, templates::check, templates::list, templates::delete,
         channels::create, channels::list, channels::get_one, channels::delete, channels::message,
         channels::agent_status, channels::agent_cancel,
         exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health, jwks
@@ -121,6 +121,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/agent", get(channels::agent_status))
         .route("/v1/sandboxes/{id}/agent/cancel", post(channels::agent_cancel))
         .route("/v1/templates", post(templates::create).get(templates::list))
+        .route("/v1/templates/check", post(templates::check))
         .route("/v1/templates/{name}", axum::routing::delete(templates::delete))
         .route("/v1/channels", post(channels::create).get(channels::list))
         .route("/v1/channels/{name}", get(channels::get_one).delete(channels::delete))
@@ -244,6 +245,7 @@ mod tests {
             "/v1/sandboxes/{id}/files",
             "/v1/health",
             "/v1/templates",
+            "/v1/templates/check",
             "/v1/templates/{name}",
         ] {
             assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");

@@ -25,22 +25,44 @@ pub async fn create(
     body: Result<Json<CreateTemplate>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
     let req = json_body(body)?;
+    if req.sandbox.is_empty() {
+        return Err(ApiError::invalid("sandbox: the id of the running sandbox to capture is required"));
+    }
     let manager = state.manager.clone();
-    let cfg = &manager.cfg;
-    let defaults = TemplateDefaults {
-        processes: req.processes,
-        network: req.network.unwrap_or_default(),
-        secrets: req.secrets,
-        github: req.github.map(|g| g.validate(cfg)).transpose()?,
-        // Checked now, kept as given: omitted providers and budget mean the daemon's at each
-        // create, so a provider configured after the build reaches the template's sandboxes.
-        models: req.models.map(|m| m.clone().validate(cfg).map(|_| m)).transpose()?,
-        agent: req.agent.map(|a| a.validate().map(|()| a)).transpose()?,
-    };
+    let defaults = defaults(&req, &manager)?;
     let t = tokio::spawn(async move { manager.capture(&req.name, &req.sandbox, defaults).await })
         .await
         .unwrap_or_else(|e| Err(ApiError::internal(format!("capture task failed: {e}"))))?;
     Ok((StatusCode::CREATED, Json(Manager::to_api_template(&t))))
+}
+
+/// Checks a template's name and defaults (network, secrets, grants, agent) as a capture would,
+/// without capturing anything: `torpor template build` asks before it boots its build VM, so a
+/// mistake fails in a second rather than after the build.
+#[utoipa::path(post, path = "/v1/templates/check", request_body = CreateTemplate, responses(
+    (status = 204, description = "a capture would accept these defaults"), (status = 400, body = ErrorBody)))]
+pub async fn check(
+    State(state): State<AppState>,
+    body: Result<Json<CreateTemplate>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let req = json_body(body)?;
+    let defaults = defaults(&req, &state.manager)?;
+    state.manager.check_template(&req.name, &defaults)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn defaults(req: &CreateTemplate, manager: &Manager) -> Result<TemplateDefaults, ApiError> {
+    let cfg = &manager.cfg;
+    Ok(TemplateDefaults {
+        processes: req.processes.clone(),
+        network: req.network.clone().unwrap_or_default(),
+        secrets: req.secrets.clone(),
+        github: req.github.clone().map(|g| g.validate(cfg)).transpose()?,
+        // Checked now, kept as given: omitted providers and budget mean the daemon's at each
+        // create, so a provider configured after the build reaches the template's sandboxes.
+        models: req.models.clone().map(|m| m.clone().validate(cfg).map(|_| m)).transpose()?,
+        agent: req.agent.clone().map(|a| a.validate().map(|()| a)).transpose()?,
+    })
 }
 
 #[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = TemplateList)))]

@@ -352,7 +352,7 @@ impl Manager {
         let mut rec = self.new_record(&engine, &req, &template.image_dir, template.vcpus, template.memory_mib);
         rec.template_dir = Some(template.dir.clone());
         if req.network.is_none() {
-            rec.network = template.network.clone();
+            rec.network = template.network.clone().canonical(&self.cfg.package_registries)?;
         }
         if req.secrets.is_none() {
             rec.secrets = template.secrets.clone();

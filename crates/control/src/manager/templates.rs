@@ -17,7 +17,9 @@ use torpor_proto::supervisor::IdentityRequest;
 use super::{create_private_dir, ensure_secret, wait_healthy, with_console_tail, Live, Manager};
 use crate::error::ApiError;
 use crate::guest::GuestClient;
-use crate::model::{validate_template_name, State, Template, TemplateDefaults, ValidCreate, BASE_TEMPLATE};
+use crate::model::{
+    validate_template_name, NetworkPolicy, State, Template, TemplateDefaults, ValidCreate, BASE_TEMPLATE,
+};
 use crate::store::{Record, TemplateRecord};
 
 /// Frees the blocks of a template's memory image that hold only zeros. Every clone copies the
@@ -102,6 +104,15 @@ impl Manager {
         self.capture(BASE_TEMPLATE, &sandbox.id, defaults).await
     }
 
+    /// Checks a template's name and defaults without capturing anything; returns its network
+    /// policy in canonical form, `@registries` kept (expanded at each create, so a change of
+    /// `package_registries` reaches existing templates).
+    pub fn check_template(&self, name: &str, defaults: &TemplateDefaults) -> Result<NetworkPolicy, ApiError> {
+        validate_template_name(name)?;
+        crate::model::validate_secret_names(&defaults.secrets, &self.cfg)?;
+        defaults.network.clone().canonical_keeping_registries()
+    }
+
     /// Turns a running, cold-booted sandbox into template `name`: pauses it and moves its
     /// snapshot and disk layer into the template's directory. The sandbox is gone afterwards.
     pub async fn capture(
@@ -110,9 +121,7 @@ impl Manager {
         id: &str,
         defaults: TemplateDefaults,
     ) -> Result<TemplateRecord, ApiError> {
-        validate_template_name(name)?;
-        crate::model::validate_secret_names(&defaults.secrets, &self.cfg)?;
-        let network = defaults.network.canonical(&self.cfg.package_registries)?;
+        let network = self.check_template(name, &defaults)?;
         let rec = self.record(id).await?;
         if rec.template_dir.is_some() {
             return Err(ApiError::conflict(format!(

@@ -286,6 +286,21 @@ impl NetworkPolicy {
             self.allow_domains.retain(|d| d != REGISTRIES);
             self.allow_domains.extend(registries.iter().cloned());
         }
+        self.canonical_as_is()
+    }
+
+    /// Canonical, with `@registries` left in (a template's default, expanded at each create).
+    pub fn canonical_keeping_registries(mut self) -> Result<Self, ApiError> {
+        let registries = self.allow_domains.iter().any(|d| d == REGISTRIES);
+        self.allow_domains.retain(|d| d != REGISTRIES);
+        let mut policy = self.canonical_as_is()?;
+        if registries {
+            policy.allow_domains.insert(0, REGISTRIES.to_owned());
+        }
+        Ok(policy)
+    }
+
+    fn canonical_as_is(self) -> Result<Self, ApiError> {
         let parsed = self.to_egress()?;
         Ok(Self {
             mode: self.mode,
@@ -338,11 +353,14 @@ pub fn validate_template_name(name: &str) -> Result<(), ApiError> {
         && name.len() <= 40
         && !name.starts_with('-')
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(format!("template name {name:?} must be 1-40 of a-z, 0-9 and -")))
+    if !ok {
+        return Err(ApiError::invalid(format!("template name {name:?} must be 1-40 of a-z, 0-9 and -")));
     }
+    if name == "check" {
+        // `/v1/templates/check` is an endpoint.
+        return Err(ApiError::invalid("template name \"check\" is reserved"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -374,6 +392,8 @@ pub struct Template {
 pub struct CreateTemplate {
     pub name: String,
     /// A running sandbox to capture; it is consumed (its snapshot becomes the template).
+    /// Required, except by `POST /v1/templates/check`, which does not look at it.
+    #[serde(default)]
     pub sandbox: String,
     /// Names of the processes it keeps running (shown in template listings).
     #[serde(default)]
@@ -560,6 +580,15 @@ mod tests {
         assert_eq!(policy.canonical(&[]).unwrap().allow_domains, ["github.com"]);
         let bad = NetworkPolicy { allow_domains: vec!["@mirrors".into()], ..Default::default() };
         assert!(NetworkPolicy { mode: NetworkMode::Allowlist, ..bad }.canonical(&registries).is_err());
+        // A template keeps the name, for each create to expand with the setting of the day.
+        let kept = NetworkPolicy {
+            mode: NetworkMode::Allowlist,
+            allow_domains: vec!["b.example".into(), REGISTRIES.into(), "A.example".into()],
+            allow_cidrs: vec![],
+        };
+        let kept = kept.canonical_keeping_registries().unwrap();
+        assert_eq!(kept.allow_domains, [REGISTRIES, "b.example", "a.example"]);
+        assert_eq!(kept.canonical(&registries).unwrap().allow_domains.len(), 4);
     }
 
     #[test]
