@@ -81,6 +81,15 @@ async fn a_template_build_snapshots_running_processes_and_clones_are_unique() {
     }
     assert_eq!(d.exec(&b, &["sh", "-c", FETCH]).await.1, b"hello from a template\n");
 
+    // A cold start begins from a fresh supervisor, not the snapshot: the template's environment
+    // must come with it.
+    for action in ["stop", "start"] {
+        let (status, body) = d.call(Method::POST, &format!("/v1/sandboxes/{b}/{action}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{action}: {body}");
+    }
+    let (_, out, _) = d.exec(&b, &["sh", "-c", "cat /srv/app/build-marker; echo $GREETING"]).await;
+    assert_eq!(String::from_utf8_lossy(&out), "built\nfrom the template\n");
+
     // A template in use cannot be removed; unused, it can.
     let (status, err) = d.call(Method::DELETE, "/v1/templates/web", None).await;
     assert_eq!(status, StatusCode::CONFLICT, "{err}");

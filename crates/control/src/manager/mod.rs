@@ -351,6 +351,8 @@ impl Manager {
             .ok_or_else(|| ApiError::not_found(format!("template {:?} was just removed", template.name)))?;
         let mut rec = self.new_record(&engine, &req, &template.image_dir, template.vcpus, template.memory_mib);
         rec.template_dir = Some(template.dir.clone());
+        // The snapshot holds the template's env already; the record must too, for a cold start.
+        rec.env = template.env.clone().into_iter().chain(std::mem::take(&mut rec.env)).collect();
         if req.network.is_none() {
             rec.network = template.network.clone().canonical(&self.cfg.package_registries)?;
         }

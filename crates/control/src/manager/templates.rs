@@ -165,6 +165,7 @@ impl Manager {
             github: defaults.github,
             models: defaults.models,
             agent: defaults.agent,
+            env: rec.env.clone(),
             created_at: Utc::now(),
         };
         let _templates = self.templates_lock.write().await;

@@ -73,6 +73,8 @@ pub struct TemplateRecord {
     pub github: Option<GitHubGrant>,
     pub models: Option<ModelGrant>,
     pub agent: Option<AgentConfig>,
+    /// Default environment of its sandboxes (a create request's own env is laid over it).
+    pub env: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -287,7 +289,7 @@ impl Store {
 
     pub async fn insert_template(&self, t: &TemplateRecord) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
-        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, secrets, github, models, agent, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT OR REPLACE INTO templates (name, dir, image_dir, vcpus, memory_mib, processes, network, secrets, github, models, agent, env, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(&t.name)
             .bind(&t.dir)
             .bind(&t.image_dir)
@@ -299,6 +301,7 @@ impl Store {
             .bind(t.github.as_ref().map(|g| serde_json::to_string(g).expect("grant serialises")))
             .bind(t.models.as_ref().map(|m| serde_json::to_string(m).expect("grant serialises")))
             .bind(t.agent.as_ref().map(|a| serde_json::to_string(a).expect("agent serialises")))
+            .bind(serde_json::to_string(&t.env).expect("env serialises"))
             .bind(t.created_at.to_rfc3339())
             .execute(&self.pool)
             .await?;
@@ -434,6 +437,7 @@ fn decode_template(row: &sqlx::sqlite::SqliteRow) -> Result<TemplateRecord, Stor
         github: json_column(row, "github").map_err(corrupt)?,
         models: json_column(row, "models").map_err(corrupt)?,
         agent: json_column(row, "agent").map_err(corrupt)?,
+        env: serde_json::from_str(&row.try_get::<String, _>("env")?).map_err(|e| corrupt(format!("env: {e}")))?,
         created_at: DateTime::parse_from_rfc3339(&created)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| corrupt(e.to_string()))?,
