@@ -57,6 +57,11 @@ pub struct TemplateFile {
     pub runs: Vec<RunSpec>,
     #[serde(default, rename = "process")]
     pub processes: Vec<ProcessSpec>,
+    /// Files and directories (absolute) to read once right before the snapshot, so that they are
+    /// in the page cache of every sandbox: what the first request needs (an agent's binary, say)
+    /// is then not read from disk.
+    #[serde(default)]
+    pub preload: Vec<String>,
     /// Egress policy of sandboxes created from the template (deny-all if omitted).
     pub network: Option<NetworkPolicy>,
     /// Egress policy of the build VM (what `packages` and `[[run]]` may reach); `network` if
@@ -120,6 +125,11 @@ impl TemplateFile {
         for f in &t.files {
             if f.content.is_some() == f.source.is_some() {
                 bail!("file {}: give exactly one of `content` and `source`", f.path);
+            }
+        }
+        for path in &t.preload {
+            if !path.starts_with('/') || path.contains(['\'', '\n']) {
+                bail!("preload {path:?}: give an absolute path (without quotes or newlines)");
             }
         }
         for p in &t.processes {
@@ -401,6 +411,15 @@ async fn build_in(
         start_process(client, id, p, &spec.env).await?;
         bar.inc(1);
     }
+    if !spec.preload.is_empty() {
+        bar.set_message("reading the preload files into the page cache");
+        let paths: Vec<String> = spec.preload.iter().map(|p| sh_quote(p)).collect();
+        let script = format!("find {} -type f -exec cat {{}} + >/dev/null", paths.join(" "));
+        let (code, output) = exec(client, id, shell(&script)).await?;
+        if code != Some(0) {
+            bail!("preload failed (exit {code:?}): {}", output.trim_end());
+        }
+    }
     bar.set_message("snapshotting the running VM");
     let req = capture_request(name, id, spec);
     let t: Template = client.json(Method::POST, "/v1/templates", Some(&req)).await.context("capturing the template")?;
@@ -569,6 +588,9 @@ mod tests {
         assert!(TemplateFile::parse("packages = [\"jq; rm -rf /\"]\n[network]\nmode = \"open\"").is_err());
         assert!(TemplateFile::parse("[[file]]\npath = \"/x\"").is_err());
         assert!(TemplateFile::parse("colour = 1").is_err());
+        assert!(TemplateFile::parse("preload = [\"usr/lib\"]").unwrap_err().to_string().contains("absolute"));
+        assert!(TemplateFile::parse("preload = [\"/usr/lib/x'y\"]").is_err());
+        assert_eq!(TemplateFile::parse("preload = [\"/usr/lib\"]").unwrap().preload, ["/usr/lib"]);
         assert!(TemplateFile::parse("[[process]]\nname = \"a b\"\ncommand = \"x\"\nready = \"y\"").is_err());
     }
 }

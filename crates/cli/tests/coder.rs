@@ -137,6 +137,11 @@ async fn coder_template_starts_warm_and_runs_a_real_agent_through_the_relay() {
     let (_, network) = d.call(Method::GET, &format!("/v1/sandboxes/{id}/network"), None).await;
     let domains = network["allow_domains"].to_string();
     assert!(domains.contains("registry.npmjs.org") && !domains.contains("@registries"), "{network}");
+    // Claude Code's program is already in the page cache (the template's `preload`).
+    let cached =
+        sh(&d, &id, "fincore --bytes --noheadings --output RES,SIZE \"$(readlink -f \"$(command -v claude)\")\"").await;
+    let sizes: Vec<u64> = cached.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    assert!(sizes[1] > 1 << 20 && sizes[0] * 10 >= sizes[1] * 9, "claude is not in the page cache: {cached}");
     let versions = sh(&d, &id, "claude --version && codex --version").await;
     assert!(versions.contains("Claude Code") && versions.to_lowercase().contains("codex"), "{versions}");
     // The browser skill drives the running Chromium.
