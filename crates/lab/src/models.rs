@@ -113,6 +113,31 @@ fn record(state: &Arc<Mutex<ModelsState>>, path: &str, headers: &HeaderMap, body
     }
 }
 
+impl Seen {
+    /// Whether the request carries the real Anthropic key, as the real API wants it.
+    fn anthropic_ok(&self, headers: &HeaderMap) -> bool {
+        headers.get("x-api-key").and_then(|v| v.to_str().ok()) == Some(self.anthropic_key.as_str())
+    }
+
+    /// Whether the request carries the real OpenAI key, as the real API wants it.
+    fn openai_ok(&self, headers: &HeaderMap) -> bool {
+        headers.get("authorization").and_then(|v| v.to_str().ok())
+            == Some(format!("Bearer {}", self.openai_key).as_str())
+    }
+}
+
+/// What each API answers a wrong key with.
+fn anthropic_unauthorized() -> Response {
+    let error = json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}});
+    (StatusCode::UNAUTHORIZED, Json(error)).into_response()
+}
+
+fn openai_unauthorized() -> Response {
+    let error = json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+        "param": null, "code": "invalid_api_key"}});
+    (StatusCode::UNAUTHORIZED, Json(error)).into_response()
+}
+
 /// The text blocks of a message (agents' `<system-reminder>` blocks left out).
 fn message_text(message: &Value) -> Option<String> {
     match &message["content"] {
@@ -215,9 +240,8 @@ async fn count_tokens(
     Json(body): Json<Value>,
 ) -> Response {
     let seen = record(&state, "/v1/messages/count_tokens", &headers, &body);
-    if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(seen.anthropic_key.as_str()) {
-        let error = json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}});
-        return (StatusCode::UNAUTHORIZED, Json(error)).into_response();
+    if !seen.anthropic_ok(&headers) {
+        return anthropic_unauthorized();
     }
     Json(json!({"input_tokens": input_tokens(&body)})).into_response()
 }
@@ -228,14 +252,13 @@ async fn messages(
     Json(body): Json<Value>,
 ) -> Response {
     let seen = record(&state, "/v1/messages", &headers, &body);
-    let error = |status: StatusCode, kind: &str, message: &str| {
-        (status, Json(json!({"type": "error", "error": {"type": kind, "message": message}}))).into_response()
-    };
-    if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(seen.anthropic_key.as_str()) {
-        return error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid x-api-key");
+    if !seen.anthropic_ok(&headers) {
+        return anthropic_unauthorized();
     }
     if headers.get("anthropic-version").is_none() {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "anthropic-version: header is required");
+        let message = "anthropic-version: header is required";
+        let error = json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}});
+        return (StatusCode::BAD_REQUEST, Json(error)).into_response();
     }
     let model = body["model"].as_str().unwrap_or("claude-test").to_owned();
     let turn = seen.script.as_ref().and_then(|script| scripted_turn(script, &body));
@@ -321,12 +344,10 @@ async fn chat_completions(
     Json(body): Json<Value>,
 ) -> Response {
     let seen = record(&state, "/v1/chat/completions", &headers, &body);
-    let (key, delay) = (seen.openai_key, seen.delay);
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(format!("Bearer {key}").as_str()) {
-        let error = json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
-            "param": null, "code": "invalid_api_key"}});
-        return (StatusCode::UNAUTHORIZED, Json(error)).into_response();
+    if !seen.openai_ok(&headers) {
+        return openai_unauthorized();
     }
+    let delay = seen.delay;
     let model = body["model"].as_str().unwrap_or("gpt-test").to_owned();
     let words = reply_words(&body);
     let (input, output) = (input_tokens(&body), words.len() as u64);
@@ -361,11 +382,8 @@ async fn chat_completions(
 
 async fn list_models(State(state): State<Arc<Mutex<ModelsState>>>, headers: HeaderMap) -> Response {
     let seen = record(&state, "/v1/models", &headers, &Value::Null);
-    let anthropic = headers.get("x-api-key").and_then(|v| v.to_str().ok()) == Some(seen.anthropic_key.as_str());
-    let openai = headers.get("authorization").and_then(|v| v.to_str().ok())
-        == Some(format!("Bearer {}", seen.openai_key).as_str());
-    if !anthropic && !openai {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": {"message": "invalid key"}}))).into_response();
+    if !seen.anthropic_ok(&headers) && !seen.openai_ok(&headers) {
+        return openai_unauthorized();
     }
     Json(json!({"object": "list", "data": [{"id": "gpt-test", "object": "model", "created": 0, "owned_by": "lab"}]}))
         .into_response()
@@ -467,12 +485,8 @@ async fn responses(
     Json(body): Json<Value>,
 ) -> Response {
     let seen = record(&state, "/v1/responses", &headers, &body);
-    if headers.get("authorization").and_then(|v| v.to_str().ok())
-        != Some(format!("Bearer {}", seen.openai_key).as_str())
-    {
-        let error = json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
-            "param": null, "code": "invalid_api_key"}});
-        return (StatusCode::UNAUTHORIZED, Json(error)).into_response();
+    if !seen.openai_ok(&headers) {
+        return openai_unauthorized();
     }
     let model = body["model"].as_str().unwrap_or("gpt-test").to_owned();
     let n = body["input"].as_array().map_or(0, |i| i.len());
