@@ -13,18 +13,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::channel::{create_channel, done, pause, send};
-use common::{private_file, Daemon, Options};
+use common::{private_file, sh, Daemon, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use torpor_lab::{FakeModels, ToolScript};
 
 const MODELS_PORT: u16 = 8081;
-
-async fn sh(d: &Daemon, id: &str, script: &str) -> String {
-    let (code, out, err) = d.exec(id, &["sh", "-c", script]).await;
-    assert_eq!(code, Some(0), "{script}: {}{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
-    String::from_utf8_lossy(&out).trim().to_owned()
-}
 
 /// CA certificates this host added to its own trust store (a TLS-intercepting proxy on the way to
 /// the registries, where there is one): the build must trust them too.

@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{private_file, wait_for, Daemon, Options};
+use common::{private_file, sh, wait_for, Daemon, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use torpor_lab::{FakeGitHub, FakeModels, GitHubApp};
@@ -18,12 +18,6 @@ const GITHUB_PORT: u16 = 8080;
 const MODELS_PORT: u16 = 8081;
 const MODEL_CALL: &str = include_str!("guest/modelcall.py");
 const SCAN: &str = include_str!("guest/scan.py");
-
-async fn sh(d: &Daemon, id: &str, script: &str) -> String {
-    let (code, out, err) = d.exec(id, &["sh", "-c", script]).await;
-    assert_eq!(code, Some(0), "{script}: {}", String::from_utf8_lossy(&err));
-    String::from_utf8_lossy(&out).trim().to_owned()
-}
 
 fn random_key(prefix: &str) -> String {
     let mut raw = [0u8; 16];

@@ -5,15 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options};
+use common::{sh, Daemon, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-
-async fn sh(d: &Daemon, id: &str, script: &str) -> String {
-    let (code, out, err) = d.exec(id, &["sh", "-c", script]).await;
-    assert_eq!(code, Some(0), "{script}: {}", String::from_utf8_lossy(&err));
-    String::from_utf8_lossy(&out).trim().to_owned()
-}
 
 /// Checks `token` against the daemon's published key; returns its claims.
 async fn verify(d: &Daemon, token: &str) -> Result<Value, String> {

@@ -330,6 +330,13 @@ pub fn assert_nothing_left(daemon: &Daemon, id: &str, keep_dir: bool) {
 }
 
 /// Polls `check` until it holds; a condition, not a sleep.
+/// Runs `script` with `sh -c` in sandbox `id`, which must exit 0; its trimmed stdout.
+pub async fn sh(d: &Daemon, id: &str, script: &str) -> String {
+    let (code, out, err) = d.exec(id, &["sh", "-c", script]).await;
+    assert_eq!(code, Some(0), "{script}: {}{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    String::from_utf8_lossy(&out).trim().to_owned()
+}
+
 pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut check: F) {
     let deadline = Instant::now() + timeout;
     while !check() {
