@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
 use serde_json::{json, Value};
-use torpor_control::model::{ExecEvent, ExecRequest, Sandbox, Usage};
+use torpor_control::model::{Sandbox, Usage};
 
 use crate::bench::{percentile, private_file, proc_kib};
 use crate::bench_network::BenchDaemon;
@@ -141,7 +141,7 @@ async fn cold_run(client: &Client, run: usize, spec: &TemplateFile) -> Result<Sa
 
 async fn measure(client: &Client, id: &str, started: Instant, channel: &str) -> Result<Sample> {
     let deadline = Instant::now() + Duration::from_secs(300);
-    while exec_code(client, id, DEVTOOLS).await? != Some(0) {
+    while crate::template::exec(client, id, crate::template::shell(DEVTOOLS)).await?.0 != Some(0) {
         if Instant::now() > deadline {
             bail!("Chromium's DevTools did not answer within 300 s in {id}");
         }
@@ -173,15 +173,6 @@ async fn measure(client: &Client, id: &str, started: Instant, channel: &str) -> 
         agent_ms,
         rss_mib: rss_kib as f64 / 1024.0,
         disk_mib: usage.storage_bytes as f64 / 1048576.0,
-    })
-}
-
-async fn exec_code(client: &Client, id: &str, script: &str) -> Result<Option<i32>> {
-    let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() };
-    let (_, _, exit) = client.exec_collect(id, &req).await?;
-    Ok(match exit {
-        ExecEvent::Exit { code, .. } => code,
-        _ => None,
     })
 }
 

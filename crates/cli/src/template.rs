@@ -205,7 +205,7 @@ pub async fn run(cmd: TemplateCommand, url: &str, api_key: Option<String>) -> Re
 }
 
 /// Runs `argv` to completion; returns (exit code, combined output).
-async fn exec(client: &Client, id: &str, req: ExecRequest) -> Result<(Option<i32>, String)> {
+pub(crate) async fn exec(client: &Client, id: &str, req: ExecRequest) -> Result<(Option<i32>, String)> {
     let (out, err, exit) = client.exec_collect(id, &req).await?;
     let code = match exit {
         ExecEvent::Exit { code, .. } => code,
@@ -214,7 +214,16 @@ async fn exec(client: &Client, id: &str, req: ExecRequest) -> Result<(Option<i32
     Ok((code, format!("{}{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err))))
 }
 
-fn shell(command: &str) -> ExecRequest {
+/// Runs `script` (`sh -c`), which must exit 0; else fails saying `what` failed and its output.
+async fn exec_ok(client: &Client, id: &str, script: &str, what: &str) -> Result<()> {
+    let (code, output) = exec(client, id, shell(script)).await?;
+    if code != Some(0) {
+        bail!("{what} failed (exit {code:?}): {}", output.trim_end());
+    }
+    Ok(())
+}
+
+pub(crate) fn shell(command: &str) -> ExecRequest {
     ExecRequest { argv: vec!["sh".into(), "-c".into(), command.into()], ..Default::default() }
 }
 
@@ -374,10 +383,7 @@ async fn build_in(
         put(format!("{CA_DIR}/torpor-build-{i}.crt"), "644".into(), pem.clone()).await?;
     }
     if !cas.is_empty() {
-        let (code, output) = exec(client, id, shell("update-ca-certificates")).await?;
-        if code != Some(0) {
-            bail!("update-ca-certificates failed (exit {code:?}): {}", output.trim_end());
-        }
+        exec_ok(client, id, "update-ca-certificates", "update-ca-certificates").await?;
         bar.inc(cas.len() as u64);
     }
     for f in &spec.files {
@@ -401,10 +407,7 @@ async fn build_in(
     }
     // What the build left in the page cache would otherwise be in every clone's memory.
     bar.set_message("dropping the build's page cache and zeroing free memory");
-    let (code, output) = exec(client, id, shell(COMPACT)).await?;
-    if code != Some(0) {
-        bail!("compacting the build VM's memory failed (exit {code:?}): {}", output.trim_end());
-    }
+    exec_ok(client, id, COMPACT, "compacting the build VM's memory").await?;
     bar.inc(1);
     for p in &spec.processes {
         bar.set_message(format!("starting {} and waiting until it is ready", p.name));
@@ -415,10 +418,7 @@ async fn build_in(
         bar.set_message("reading the preload files into the page cache");
         let paths: Vec<String> = spec.preload.iter().map(|p| sh_quote(p)).collect();
         let script = format!("find {} -type f -exec cat {{}} + >/dev/null", paths.join(" "));
-        let (code, output) = exec(client, id, shell(&script)).await?;
-        if code != Some(0) {
-            bail!("preload failed (exit {code:?}): {}", output.trim_end());
-        }
+        exec_ok(client, id, &script, "preload").await?;
     }
     bar.set_message("snapshotting the running VM");
     let req = capture_request(name, id, spec);
