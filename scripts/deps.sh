@@ -2,32 +2,69 @@
 # Installs what Torpor needs on Debian 12: QEMU, image-building tools, networking tools, the
 # protobuf compiler, and a Rust toolchain (via rustup) if there is none. Idempotent and quiet
 # when everything is already there.
+#
+# A package being "installed" is not enough: a machine may come with a newer qemu-utils from
+# backports, which apt removes (qemu-img with it) to install Debian's qemu-system-x86. So every
+# binary is checked after installing, and the package that provides a missing one is installed
+# again; whatever is still missing is named and the script fails.
 set -euo pipefail
 
-PACKAGES=(
-  qemu-system-x86 qemu-utils          # the VMM and qemu-img (copy-on-write disks)
-  mmdebstrap busybox-static cpio kmod e2fsprogs  # guest image: rootfs, initramfs, ext4
-  iproute2 nftables conntrack         # per-sandbox namespaces, veth, tap, firewall, cutting connections
-  dnsmasq-base bind9-dnsutils python3 # tests and `torpor bench network`: a small internet of their own
-  openssl                             # tests and `torpor bench credentials`: a GitHub App key pair
-  protobuf-compiler                   # the supervisor's gRPC contract
-  build-essential pkg-config curl ca-certificates
+# binary → the Debian package that provides it
+BINARIES=(
+  qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils          # the VMM; copy-on-write disks
+  mmdebstrap:mmdebstrap busybox:busybox-static cpio:cpio           # guest image: rootfs, initramfs
+  modinfo:kmod mkfs.ext4:e2fsprogs                                 # guest kernel modules, ext4
+  ip:iproute2 nft:nftables conntrack:conntrack                     # namespaces, veth, tap, firewall
+  dnsmasq:dnsmasq-base dig:bind9-dnsutils python3:python3         # tests and benches: a small internet
+  openssl:openssl                                                  # tests and benches: a GitHub App key
+  protoc:protobuf-compiler                                         # the supervisor's gRPC contract
+  cc:build-essential make:build-essential pkg-config:pkg-config curl:curl
+  fallocate:util-linux setpriv:util-linux nsenter:util-linux
 )
+EXTRA_PACKAGES=(ca-certificates)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/deps.sh: run as root (sudo) — it installs packages and Torpor needs root to run sandboxes" >&2
   exit 1
 fi
 
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+apt_install() {
+  echo "==> installing: $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+packages_of_missing() {
+  local entry
+  for entry in "${BINARIES[@]}"; do
+    have "${entry%%:*}" || echo "${entry#*:}"
+  done | sort -u
+}
+
 missing=()
-for p in "${PACKAGES[@]}"; do
+for p in "${EXTRA_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+mapfile -t -O "${#missing[@]}" missing < <(packages_of_missing)
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "==> installing: ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
 fi
+# Installing one package can remove another's binary (see above): check again, one package at a time.
+mapfile -t missing < <(packages_of_missing)
+for p in "${missing[@]}"; do
+  apt_install "$p" || true
+done
+still=()
+for entry in "${BINARIES[@]}"; do
+  have "${entry%%:*}" || still+=("${entry%%:*} (package ${entry#*:})")
+done
+if [ ${#still[@]} -gt 0 ]; then
+  echo "scripts/deps.sh: still missing after installing: ${still[*]}" >&2
+  echo "  try: apt-get install $(packages_of_missing | tr '\n' ' ')" >&2
+  exit 1
+fi
+
 # `torpor image build` reads the kernel package from apt's lists.
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
   apt-get update -qq
