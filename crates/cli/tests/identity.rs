@@ -51,13 +51,46 @@ async fn device_tokens_are_scoped_fresh_after_resume_and_renewed_before_expiry()
         )
     };
     assert_eq!(sh(&d, &a, &code(&format!("/v1/sandboxes/{a}"))).await, "200");
+    assert_eq!(sh(&d, &a, &code(&format!("/v1/sandboxes/{a}/usage"))).await, "200");
     assert_eq!(sh(&d, &a, &code(&format!("/v1/sandboxes/{b}"))).await, "403", "A's token opened B");
-    assert_eq!(sh(&d, &a, &code("/v1/sandboxes")).await, "403", "a device token listed every sandbox");
-    assert_eq!(sh(&d, &a, &code("/v1/templates")).await, "403");
-    // The same holds on the host's API address.
+    // The operator API refuses it everywhere, even for its own sandbox.
+    assert_eq!(status_with(&d, &token, &format!("/v1/sandboxes/{a}")).await, StatusCode::FORBIDDEN);
     assert_eq!(status_with(&d, &token, &format!("/v1/sandboxes/{b}")).await, StatusCode::FORBIDDEN);
-    assert_eq!(status_with(&d, &token, &format!("/v1/sandboxes/{a}/usage")).await, StatusCode::OK);
     assert_eq!(status_with(&d, "not-a-token", &format!("/v1/sandboxes/{a}")).await, StatusCode::UNAUTHORIZED);
+
+    // From inside, every route of the operator API (as its own document lists them), with every
+    // method and the sandbox's own id: only its reads answer, and its policy stays deny-all.
+    let doc: Value = reqwest::get(format!("{}/v1/openapi.json", d.url)).await.unwrap().json().await.unwrap();
+    let mut script = String::from("for m in GET POST PUT DELETE PATCH; do\n");
+    for path in doc["paths"].as_object().unwrap().keys() {
+        let path = path.replace("{id}", &a).replace("{name}", "x").replace("{exec_id}", "e1");
+        script.push_str(&format!(
+            "  c=$(curl -s -o /dev/null -w '%{{http_code}}' -X $m -H \"Authorization: Bearer $TORPOR_TOKEN\" \
+             -H 'content-type: application/json' -d '{{\"mode\":\"open\",\"allow_cidrs\":[\"0.0.0.0/0\"]}}' \
+             \"$TORPOR_URL{path}\"); echo \"$m {path} $c\"\n"
+        ));
+    }
+    script.push_str("done");
+    let answered: Vec<String> = sh(&d, &a, &script)
+        .await
+        .lines()
+        .filter(|l| !l.ends_with(" 404") && !l.ends_with(" 405"))
+        .map(|l| l.rsplit_once(' ').unwrap().0.to_owned())
+        .collect();
+    let own = [
+        format!("GET /v1/sandboxes/{a}"),
+        format!("GET /v1/sandboxes/{a}/usage"),
+        format!("GET /v1/sandboxes/{a}/network"),
+        "GET /v1/health".into(),
+        "GET /v1/.well-known/jwks.json".into(),
+    ];
+    let mut answered_sorted = answered.clone();
+    answered_sorted.sort();
+    let mut own_sorted = own.to_vec();
+    own_sorted.sort();
+    assert_eq!(answered_sorted, own_sorted, "routes a sandbox reached with its device token");
+    let network = d.call(Method::GET, &format!("/v1/sandboxes/{a}/network"), None).await.1;
+    assert_eq!(network["policy"]["mode"], "deny-all", "the guest changed its own policy: {network}");
 
     // Pause, wait past the token's expiry: it is refused. Resume: a fresh one is there.
     let (status, body) = d.call(Method::POST, &format!("/v1/sandboxes/{a}/pause"), None).await;

@@ -7,6 +7,7 @@ pub mod error;
 pub mod files;
 pub mod github;
 pub mod guest;
+pub mod guest_api;
 pub mod identity;
 pub mod manager;
 pub mod model;

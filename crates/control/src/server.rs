@@ -49,7 +49,7 @@ pub async fn run(
             if let Some(warning) = &choice.warning {
                 tracing::warn!("{warning}");
             }
-            torpor_engine::qemu::QemuEngine::new(&cfg.qemu, choice.accel)
+            torpor_engine::qemu::QemuEngine::new(&cfg.qemu, choice.accel, cfg.tcg_code_cache_mib)
         })
         .map(|e| Arc::new(e) as Arc<dyn Engine>)
         .map_err(|e| e.to_string());
@@ -75,9 +75,8 @@ pub async fn run(
         auth_failures: Default::default(),
         relay: relay.clone(),
     });
-    // Before reconcile: the sandboxes it adopts are served the API in their namespaces too.
-    // The model proxy is served only there: it answers with the host's keys.
-    manager.set_guest_api(app.clone().merge(crate::proxy::router(manager.clone())));
+    // Before reconcile: the sandboxes it adopts are served their API in their namespaces too.
+    manager.set_guest_api(crate::guest_api::router(manager.clone()));
     let report = manager.reconcile().await.map_err(|e| ServerError::Setup(e.message))?;
     tracing::info!(
         adopted = report.adopted.len(),

@@ -148,6 +148,9 @@ fn ok() -> Response {
 
 /// A Telegram update for a Telegram channel: checked against the webhook secret, queued, and
 /// acknowledged at once (Telegram redelivers what is not acknowledged; `update_id` catches it).
+#[utoipa::path(post, path = "/v1/hooks/telegram/{name}", params(("name" = String, Path)), security(()),
+    request_body(content = String, content_type = "application/json", description = "a Telegram update"), responses(
+    (status = 200, description = "taken or ignored"), (status = 401, body = ErrorBody, description = "wrong secret token")))]
 pub async fn telegram(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -188,6 +191,11 @@ pub async fn telegram(
 /// A Slack Events API request for a Slack channel: the signature is checked first, a
 /// `url_verification` answered, an event queued and acknowledged at once (Slack retries what
 /// is not acknowledged within 3 s; `event_id` catches the retries).
+#[utoipa::path(post, path = "/v1/hooks/slack/{name}", params(("name" = String, Path)), security(()),
+    request_body(content = String, content_type = "application/json", description = "a Slack Events API request"),
+    responses(
+    (status = 200, description = "taken, ignored, or a url_verification answer"),
+    (status = 401, body = ErrorBody, description = "bad signature")))]
 pub async fn slack(
     State(state): State<AppState>,
     Path(name): Path<String>,

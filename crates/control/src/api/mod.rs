@@ -1,5 +1,5 @@
-//! The REST API (axum). Every route under `/v1` except `/v1/health` and `/v1/openapi.json`
-//! needs `Authorization: Bearer <api key>`.
+//! The operator's REST API (axum). Every route except the few in `public_routes` needs
+//! `Authorization: Bearer <api key>`. Sandboxes never reach it; theirs is `guest_api`.
 
 mod channels;
 mod exec;
@@ -12,16 +12,17 @@ use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ErrorBody, ErrorDetail};
 use crate::manager::Manager;
-use crate::model::*;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -31,62 +32,41 @@ pub struct AppState {
     pub relay: Arc<crate::relay::Relay>,
 }
 
-/// Failed authentications per client (its address; for a guest, its sandbox, since every guest
-/// has the same address): past `AUTH_FAILURES_ALLOWED` within `AUTH_WINDOW`, that client gets
-/// 429 until the window ends, so a key cannot be guessed at network speed.
+/// Failed authentications per client address: past `AUTH_FAILURES_ALLOWED` within
+/// `AUTH_WINDOW`, further failures from that address are answered 429 instead of 401. The right
+/// key is always accepted, from any address, so nobody can lock the operator out by failing on
+/// purpose; keys are 256 random bits, so the limit is about noise, not guessing.
 #[derive(Default)]
-pub struct AuthFailures(std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>);
-
-/// Marks requests that arrived on a sandbox's own API endpoint, inside its namespace.
-#[derive(Clone)]
-pub struct FromSandbox(pub String);
+pub struct AuthFailures(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>);
 
 const AUTH_FAILURES_ALLOWED: u32 = 10;
 const AUTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Addresses tracked at once; past that the table is cleared (it only ever slows failures).
+const AUTH_CLIENTS_TRACKED: usize = 10_000;
 
 impl AuthFailures {
-    /// Seconds until `ip` may try again, if it is locked out.
-    fn locked_out(&self, client: &str) -> Option<u64> {
-        let table = self.0.lock().expect("auth table poisoned");
-        let (count, since) = table.get(client)?;
-        let left = AUTH_WINDOW.checked_sub(since.elapsed())?;
-        (*count >= AUTH_FAILURES_ALLOWED).then(|| left.as_secs().max(1))
-    }
-
-    fn failed(&self, client: &str) {
+    /// Counts a failure; returns the seconds until `client` is allowed to fail quietly again if
+    /// it is past its allowance.
+    fn failed(&self, client: std::net::IpAddr) -> Option<u64> {
         let mut table = self.0.lock().expect("auth table poisoned");
-        // Forget windows that ended, so the table cannot grow without bound.
         table.retain(|_, (_, since)| since.elapsed() < AUTH_WINDOW);
-        let entry = table.entry(client.to_owned()).or_insert((0, std::time::Instant::now()));
-        entry.0 += 1;
-    }
-
-    fn succeeded(&self, client: &str) {
-        self.0.lock().expect("auth table poisoned").remove(client);
+        if table.len() >= AUTH_CLIENTS_TRACKED {
+            table.clear();
+        }
+        let (count, since) = table.entry(client).or_insert((0, std::time::Instant::now()));
+        *count += 1;
+        let left = AUTH_WINDOW.checked_sub(since.elapsed())?;
+        (*count > AUTH_FAILURES_ALLOWED).then(|| left.as_secs().max(1))
     }
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Torpor API", description = "microVM sandboxes for AI agents"),
-    paths(
-        sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::stop, sandboxes::delete, sandboxes::info,
-        sandboxes::pause, sandboxes::resume, sandboxes::connect, sandboxes::start, sandboxes::usage,
-        network::get_network, network::put_network,
-        templates::create, templates::check, templates::list, templates::delete,
-        channels::create, channels::list, channels::get_one, channels::delete, channels::message,
-        channels::agent_status, channels::agent_cancel,
-        exec::exec_post, exec::exec_ws, exec::signal, files::upload, files::download, health, jwks
-    ),
-    components(schemas(
-        Sandbox, crate::model::State, NetworkInfo, Usage, CreateSandbox, ExecRequest, ExecEvent, SignalRequest, ErrorBody,
-        ErrorDetail, Template, CreateTemplate, NetworkPolicy, NetworkMode, NetworkStatus, ResolvedAddress, templates::TemplateList, sandboxes::SandboxList, sandboxes::GuestInfo, files::Uploaded, Health,
-        Channel, CreateChannel, ChannelKind, ChannelMessage, AgentConfig, TelegramSecrets, SlackSecrets, channels::ChannelList,
-        channels::AgentStatus, channels::AgentConversation, channels::CancelAgent, channels::Cancelled
-    )),
+    components(schemas(crate::model::State, ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth)
 )]
-pub struct ApiDoc;
+struct ApiDoc;
 
 struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
@@ -102,41 +82,66 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Routes anyone may call: health, the token-signing key, this document, and the webhooks
+/// Telegram and Slack call (they prove themselves with the channel's secrets).
+fn public_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(jwks))
+        .routes(routes!(openapi_json))
+        .routes(routes!(channels::telegram))
+        .routes(routes!(channels::slack))
+}
+
+/// Every route that needs the API key. The router and the OpenAPI document are both made from
+/// this one list, so neither has a route the other lacks (the route tests rely on it).
+fn operator_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(sandboxes::create, sandboxes::list))
+        .routes(routes!(sandboxes::get_one, sandboxes::delete))
+        .routes(routes!(sandboxes::stop))
+        .routes(routes!(sandboxes::info))
+        .routes(routes!(sandboxes::pause))
+        .routes(routes!(sandboxes::resume))
+        .routes(routes!(sandboxes::connect))
+        .routes(routes!(sandboxes::start))
+        .routes(routes!(sandboxes::usage))
+        .routes(routes!(network::get_network, network::put_network))
+        .routes(routes!(exec::exec_post))
+        .routes(routes!(exec::exec_ws))
+        .routes(routes!(exec::signal))
+        .routes(routes!(files::download, files::upload))
+        .routes(routes!(channels::agent_status))
+        .routes(routes!(channels::agent_cancel))
+        .routes(routes!(templates::create, templates::list))
+        .routes(routes!(templates::check))
+        .routes(routes!(templates::delete))
+        .routes(routes!(channels::create, channels::list))
+        .routes(routes!(channels::get_one, channels::delete))
+        .routes(routes!(channels::message))
+}
+
+/// The OpenAPI document of the operator API, as served at `/v1/openapi.json`.
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOC: std::sync::LazyLock<utoipa::openapi::OpenApi> = std::sync::LazyLock::new(|| {
+        OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .merge(public_routes())
+            .merge(operator_routes())
+            .split_for_parts()
+            .1
+    });
+    &DOC
+}
+
+/// The operator API, served on the daemon's own listener. Guests never reach it: they have
+/// their own router (`guest_api`), inside their namespace.
 pub fn router(state: AppState) -> Router {
-    let authed = Router::new()
-        .route("/v1/sandboxes", post(sandboxes::create).get(sandboxes::list))
-        .route("/v1/sandboxes/{id}", get(sandboxes::get_one).delete(sandboxes::delete))
-        .route("/v1/sandboxes/{id}/stop", post(sandboxes::stop))
-        .route("/v1/sandboxes/{id}/info", get(sandboxes::info))
-        .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause))
-        .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
-        .route("/v1/sandboxes/{id}/connect", post(sandboxes::connect))
-        .route("/v1/sandboxes/{id}/start", post(sandboxes::start))
-        .route("/v1/sandboxes/{id}/usage", get(sandboxes::usage))
-        .route("/v1/sandboxes/{id}/network", get(network::get_network).put(network::put_network))
-        .route("/v1/sandboxes/{id}/exec", post(exec::exec_post))
-        .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
-        .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(exec::signal))
-        .route("/v1/sandboxes/{id}/files", get(files::download).put(files::upload))
-        .route("/v1/sandboxes/{id}/agent", get(channels::agent_status))
-        .route("/v1/sandboxes/{id}/agent/cancel", post(channels::agent_cancel))
-        .route("/v1/templates", post(templates::create).get(templates::list))
-        .route("/v1/templates/check", post(templates::check))
-        .route("/v1/templates/{name}", axum::routing::delete(templates::delete))
-        .route("/v1/channels", post(channels::create).get(channels::list))
-        .route("/v1/channels/{name}", get(channels::get_one).delete(channels::delete))
-        .route("/v1/channels/{name}/messages", post(channels::message))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/.well-known/jwks.json", get(jwks))
-        .route("/v1/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
-        // Called by Telegram and Slack, which prove themselves with the channel's secrets.
-        .route("/v1/hooks/telegram/{name}", post(channels::telegram))
-        .route("/v1/hooks/slack/{name}", post(channels::slack))
-        .merge(authed)
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .with_state(state)
+    let (public, _) = public_routes().split_for_parts();
+    let (operator, _) = operator_routes().split_for_parts();
+    // `layer`, not `route_layer`: a method a route does not have is refused to a caller without
+    // the key too, so nothing about the API is learnt without it.
+    let operator = operator.layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
+    public.merge(operator).fallback(|| async { ApiError::not_found("no such endpoint") }).with_state(state)
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -149,7 +154,7 @@ pub struct Health {
 
 /// Liveness of the daemon itself; needs no API key.
 #[utoipa::path(get, path = "/v1/health", security(()), responses((status = 200, body = Health)))]
-async fn health(State(state): State<AppState>) -> Json<Health> {
+pub(crate) async fn health(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -158,27 +163,18 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
 }
 
 /// The public key that signs device tokens (JWKS), for anyone who checks them.
-#[utoipa::path(get, path = "/v1/.well-known/jwks.json", responses((status = 200, description = "a JWK set")))]
-async fn jwks(State(state): State<AppState>) -> Json<jsonwebtoken::jwk::JwkSet> {
+#[utoipa::path(get, path = "/v1/.well-known/jwks.json", security(()), responses((status = 200, description = "a JWK set")))]
+pub(crate) async fn jwks(State(state): State<AppState>) -> Json<jsonwebtoken::jwk::JwkSet> {
     Json(state.manager.tokens.jwks())
 }
 
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", security(()), responses((status = 200, description = "OpenAPI 3.1")))]
+async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let client = match req.extensions().get::<FromSandbox>() {
-        Some(FromSandbox(id)) => format!("sandbox {id}"),
-        None => req
-            .extensions()
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip().to_string())
-            .unwrap_or_else(|| "unknown".into()),
-    };
-    if let Some(secs) = state.auth_failures.locked_out(&client) {
-        return ApiError::new(
-            axum::http::StatusCode::TOO_MANY_REQUESTS,
-            format!("too many failed authentications from {client}; try again in {secs} s"),
-        )
-        .into_response();
-    }
     let given = req
         .headers()
         .get(AUTHORIZATION)
@@ -186,26 +182,31 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(state.api_key.as_bytes())) {
-        state.auth_failures.succeeded(&client);
-        next.run(req).await
-    } else if let Ok(claims) = state.manager.tokens.verify(given) {
-        state.auth_failures.succeeded(&client);
-        // A device token opens its own sandbox and nothing else.
-        let own = format!("/v1/sandboxes/{}", claims.sub);
-        let path = req.uri().path();
-        if path == own || path.starts_with(&format!("{own}/")) {
-            next.run(req).await
-        } else {
-            ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                format!("a device token only opens its own sandbox ({}), not {path}", claims.sub),
-            )
-            .into_response()
-        }
-    } else {
-        state.auth_failures.failed(&client);
-        ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer <key>)")
-            .into_response()
+        return next.run(req).await;
+    }
+    if state.manager.tokens.verify(given).is_ok() {
+        // A device token is a sandbox's, and sandboxes have an API of their own: it changes
+        // nothing here, whatever route it is presented to.
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "a device token is accepted only by the sandbox's own API ($TORPOR_URL inside the sandbox), not by the \
+             operator API",
+        )
+        .into_response();
+    }
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    match state.auth_failures.failed(client) {
+        Some(secs) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed authentications from {client}; wrong keys are refused for {secs} s more"),
+        )
+        .into_response(),
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer <key>)")
+            .into_response(),
     }
 }
 
@@ -221,35 +222,4 @@ pub(crate) fn json_body<T>(body: Result<Json<T>, axum::extract::rejection::JsonR
 }
 
 #[cfg(test)]
-mod tests {
-    use utoipa::OpenApi;
-
-    #[test]
-    fn openapi_documents_every_route() {
-        let doc = serde_json::to_value(super::ApiDoc::openapi()).unwrap();
-        let paths = doc["paths"].as_object().unwrap();
-        for path in [
-            "/v1/sandboxes",
-            "/v1/sandboxes/{id}",
-            "/v1/sandboxes/{id}/stop",
-            "/v1/sandboxes/{id}/info",
-            "/v1/sandboxes/{id}/pause",
-            "/v1/sandboxes/{id}/resume",
-            "/v1/sandboxes/{id}/connect",
-            "/v1/sandboxes/{id}/start",
-            "/v1/sandboxes/{id}/usage",
-            "/v1/sandboxes/{id}/network",
-            "/v1/sandboxes/{id}/exec",
-            "/v1/sandboxes/{id}/exec/ws",
-            "/v1/sandboxes/{id}/execs/{exec_id}/signal",
-            "/v1/sandboxes/{id}/files",
-            "/v1/health",
-            "/v1/templates",
-            "/v1/templates/check",
-            "/v1/templates/{name}",
-        ] {
-            assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
-        }
-        assert!(doc["components"]["schemas"]["Sandbox"]["properties"]["state"].is_object());
-    }
-}
+mod tests;

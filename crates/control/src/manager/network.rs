@@ -42,11 +42,10 @@ impl Manager {
         Ok(())
     }
 
-    /// The API on the sandbox's gateway address, inside its namespace: the guest's only way to
-    /// the control plane, authenticated by its device token.
+    /// The sandbox's API (see `guest_api`) on its gateway address, inside its namespace: the
+    /// guest's only way to the control plane.
     fn start_guest_api(&self, id: &str, net: &SandboxNet) -> Result<(), ApiError> {
         let Some(router) = self.guest_api.get().cloned() else { return Ok(()) };
-        let router = router.layer(axum::Extension(crate::api::FromSandbox(id.to_owned())));
         let addr: std::net::SocketAddr = (
             torpor_proto::GUEST_GATEWAY.parse::<std::net::Ipv4Addr>().expect("constant"),
             torpor_proto::GUEST_API_PORT,
@@ -62,11 +61,7 @@ impl Manager {
         // Stopped gracefully, so open keep-alive connections close too: their sockets would
         // keep the namespace alive.
         let stop = tokio_util::sync::CancellationToken::new();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-            let _ = axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await;
-        });
+        tokio::spawn(crate::guest_api::serve(listener, router, id.to_owned(), stop.clone()));
         if let Some(old) = self.guest_api_tasks.lock().expect("guest api table poisoned").insert(id.to_owned(), stop) {
             old.cancel();
         }

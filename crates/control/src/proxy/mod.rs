@@ -23,8 +23,8 @@ use sha2::Sha256;
 
 pub use usage::{Scanner, Tally};
 
-use crate::api::FromSandbox;
 use crate::config::ModelFlavour;
+use crate::guest_api::FromSandbox;
 use crate::manager::Manager;
 
 const KEY_FILE: &str = "model-proxy-key";
