@@ -81,6 +81,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         cycles: usize,
     },
+    /// Sandboxes of two sizes running code-churning work for N minutes: QEMU's own memory over
+    /// time (it must plateau), out-of-memory kills (there must be none) and whether each is
+    /// still running. Runs a private daemon (needs root).
+    Soak {
+        #[arg(long, default_value_t = 20)]
+        minutes: u64,
+        /// Guest memory of each sandbox, MiB (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+        sizes: Vec<u32>,
+        /// Template to create them from (its size wins over --sizes unless it is `base`).
+        #[arg(long, default_value = "base")]
+        template: String,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 30)]
+        sample_secs: u64,
+        /// Run with this TCG code cache instead of the default (to compare sizes).
+        #[arg(long)]
+        tcg_code_cache_mib: Option<u32>,
+    },
     /// The `coder` template against a cold boot of the same disk with the same processes
     /// started by hand: request → Chromium's DevTools answers, request → the agent's first
     /// reply, memory and disk per sandbox. Runs a private daemon with a fake model API and
@@ -157,6 +176,16 @@ pub async fn run(cmd: BenchCommand, url: &str, api_key: Option<String>) -> Resul
         BenchCommand::Wake { runs } => crate::bench_wake::run(runs).await,
         BenchCommand::Credentials { calls, words, cycles } => {
             crate::bench_credentials::run(crate::bench_credentials::Params { calls, words, cycles }).await
+        }
+        BenchCommand::Soak { minutes, sizes, template, sample_secs, tcg_code_cache_mib } => {
+            crate::bench_soak::run(crate::bench_soak::Params {
+                minutes,
+                sizes,
+                template,
+                sample_secs,
+                tcg_code_cache_mib,
+            })
+            .await
         }
         BenchCommand::Coder { runs, ca_certs } => {
             crate::bench_coder::run(crate::bench_coder::Params { runs, ca_certs }).await

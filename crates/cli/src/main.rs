@@ -5,6 +5,7 @@ mod bench_coder;
 mod bench_credentials;
 mod bench_lifecycle;
 mod bench_network;
+mod bench_soak;
 mod bench_wake;
 mod channel;
 mod client;

@@ -54,8 +54,13 @@ pub struct Config {
     /// Each sandbox's VM runs as uid (and gid) `vm_uid_base + its address slot`; the group
     /// `vm_uid_base` may read templates. Pick a range no account on the host uses.
     pub vm_uid_base: u32,
-    /// Memory a VM process may use beyond its guest's RAM (QEMU itself, TCG's code cache).
+    /// Memory a VM process may use beyond its guest's RAM for QEMU itself (its heap, device
+    /// emulation, binaries, page tables). Its cgroup's limit is RAM + this (+ the TCG code cache).
     pub vmm_overhead_mib: u32,
+    /// Under TCG (no KVM), the translated-code cache of each VM, in MiB, added to its memory
+    /// limit. QEMU's own default (1 GiB) fills as the guest runs new code and would outgrow any
+    /// sensible limit; smaller costs some speed when many different programs run.
+    pub tcg_code_cache_mib: u32,
     /// Most processes and threads in one VM's cgroup.
     pub vm_pids_max: u64,
     /// Disk I/O weight of each VM (1-1000; honoured where the I/O scheduler supports weights).
@@ -183,7 +188,8 @@ impl Default for Config {
             default_idle_timeout_secs: 300,
             dns_upstreams: Vec::new(),
             vm_uid_base: 1_000_000_000,
-            vmm_overhead_mib: 256,
+            vmm_overhead_mib: 128,
+            tcg_code_cache_mib: 128,
             vm_pids_max: 512,
             vm_io_weight: 100,
             default_disk_mib: 4096,
@@ -322,6 +328,12 @@ impl Config {
         }
         if !(1..=1000).contains(&self.vm_io_weight) {
             return invalid("vm_io_weight", "must be between 1 and 1000");
+        }
+        if !(16..=1024).contains(&self.tcg_code_cache_mib) {
+            return invalid("tcg_code_cache_mib", "must be between 16 and 1024");
+        }
+        if self.vmm_overhead_mib < 64 {
+            return invalid("vmm_overhead_mib", "must be at least 64 (QEMU's own memory)");
         }
         if self.vm_pids_max < 16 {
             return invalid("vm_pids_max", "must be at least 16 (QEMU's own threads)");

@@ -23,6 +23,11 @@ use async_trait::async_trait;
 pub enum EngineError {
     #[error("{binary} was not found; run `apt-get install {package}`")]
     MissingBinary { binary: String, package: &'static str },
+    #[error(
+        "no cgroup hierarchy with the cpu, memory and pids controllers under {root}: a VM's limits could not be \
+         enforced, so none is started (mount cgroup v2 with those controllers delegated, or the v1 controllers)"
+    )]
+    NoCgroups { root: PathBuf },
     #[error("accelerator {0} was requested but /dev/kvm is not usable on this host")]
     KvmUnavailable(String),
     #[error("creating the sandbox disk failed: {0}")]
@@ -100,6 +105,9 @@ pub struct VmExit {
 pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     fn accel(&self) -> Accel;
+    /// Memory each VM process needs on top of the guest's RAM and the configured VMM overhead
+    /// (under TCG, QEMU's translated-code cache), in MiB: part of its cgroup's limit.
+    fn extra_memory_mib(&self) -> u32;
     /// Creates the sandbox's copy-on-write disk unless it exists already.
     async fn prepare_disk(&self, spec: &VmSpec) -> Result<(), EngineError>;
     /// Starts the VM. Returns once the VMM answers on its control socket.

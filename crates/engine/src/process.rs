@@ -43,8 +43,12 @@ impl ExitWatch {
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
             let _ = fd.readable().await;
-            let description = reap(pid).unwrap_or_else(|| format!("the VM process (pid {pid}) exited"));
+            let mut description = reap(pid).unwrap_or_else(|| format!("the VM process (pid {pid}) exited"));
             if let Some(cgroup) = cgroup {
+                // Read before the cgroup goes: a SIGKILL alone does not say who sent it.
+                if let Some(limit) = cgroup.oom_killed() {
+                    description = format!("killed by the out-of-memory killer (memory limit {} MiB)", limit >> 20);
+                }
                 remove_when_empty(&cgroup).await;
             }
             let _ = tx.send(Some(VmExit { description }));
@@ -113,19 +117,4 @@ fn describe(status: std::process::ExitStatus) -> String {
         ),
         _ => "the VM process ended".into(),
     }
-}
-
-pub fn cmdline(pid: u32) -> Option<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
-}
-
-/// Live processes with `arg` as one of their command-line arguments (zombies have none).
-pub fn pids_with_arg(arg: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| cmdline(*pid).is_some_and(|args| args.iter().any(|a| a == arg)))
-        .collect()
 }

@@ -244,10 +244,11 @@ impl Manager {
     }
 
     fn engine_limits(&self, rec: &Record) -> torpor_engine::Limits {
+        let engine_extra = self.engine.as_ref().map(|e| e.extra_memory_mib()).unwrap_or(0);
         torpor_engine::Limits::new(
             rec.vcpus,
             rec.memory_mib,
-            self.cfg.vmm_overhead_mib,
+            self.cfg.vmm_overhead_mib + engine_extra,
             self.cfg.vm_pids_max,
             self.cfg.vm_io_weight,
         )

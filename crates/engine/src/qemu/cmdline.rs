@@ -32,12 +32,24 @@ pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
     args
 }
 
-pub fn args(spec: &VmSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
+/// How this host runs VMs: the same for every sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSetup {
+    pub accel: Accel,
+    /// Host TSC frequency, for TCG guests (see `kernel_cmdline`).
+    pub tsc_khz: Option<u64>,
+    /// TCG's translated-code cache, in MiB. QEMU's default is 1 GiB, which QEMU fills as the
+    /// guest runs new code (every new process), so it bounds the memory QEMU itself uses.
+    pub tcg_code_cache_mib: u32,
+}
+
+pub fn args(spec: &VmSpec, host: &HostSetup) -> Vec<String> {
     let p = |path: &std::path::Path| path.display().to_string();
-    let cpu = match accel {
-        Accel::Kvm => "host",
-        Accel::Tcg => "max",
+    let (cpu, accel) = match host.accel {
+        Accel::Kvm => ("host", "kvm".to_owned()),
+        Accel::Tcg => ("max", format!("tcg,tb-size={}", host.tcg_code_cache_mib)),
     };
+    let tsc_khz = host.tsc_khz;
     let mut args: Vec<String> = vec![
         "-name".into(),
         process_name(&spec.id),
@@ -52,7 +64,7 @@ pub fn args(spec: &VmSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
         "-machine".into(),
         "microvm,memory-backend=mem".into(),
         "-accel".into(),
-        accel.to_string(),
+        accel,
         "-cpu".into(),
         cpu.into(),
         "-smp".into(),
@@ -120,6 +132,10 @@ mod tests {
         }
     }
 
+    fn host(accel: Accel) -> HostSetup {
+        HostSetup { accel, tsc_khz: None, tcg_code_cache_mib: 96 }
+    }
+
     fn value_after(args: &[String], flag: &str) -> String {
         let i = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} missing"));
         args[i + 1].clone()
@@ -127,18 +143,20 @@ mod tests {
 
     #[test]
     fn sizes_and_accelerator_follow_the_spec() {
-        let args = args(&spec(), Accel::Tcg, None);
+        let args = args(&spec(), &host(Accel::Tcg));
         assert_eq!(value_after(&args, "-smp"), "2");
         assert_eq!(value_after(&args, "-m"), "512M");
-        assert_eq!(value_after(&args, "-accel"), "tcg");
+        assert_eq!(value_after(&args, "-accel"), "tcg,tb-size=96", "TCG's code cache must be bounded");
         assert_eq!(value_after(&args, "-cpu"), "max");
         assert_eq!(value_after(&args, "-name"), "torpor-sb-abc");
-        assert_eq!(value_after(&super::args(&spec(), Accel::Kvm, None), "-cpu"), "host");
+        let kvm = super::args(&spec(), &host(Accel::Kvm));
+        assert_eq!(value_after(&kvm, "-cpu"), "host");
+        assert_eq!(value_after(&kvm, "-accel"), "kvm");
     }
 
     #[test]
     fn ram_is_a_shared_file_in_the_run_dir() {
-        let args = args(&spec(), Accel::Tcg, None);
+        let args = args(&spec(), &host(Accel::Tcg));
         assert_eq!(
             value_after(&args, "-object"),
             "memory-backend-file,id=mem,size=512M,mem-path=/data/sandboxes/sb-abc/mem.ram,share=on"
@@ -148,14 +166,14 @@ mod tests {
 
     #[test]
     fn secret_travels_by_fw_cfg_not_the_command_line() {
-        let args = args(&spec(), Accel::Tcg, None);
+        let args = args(&spec(), &host(Accel::Tcg));
         assert!(value_after(&args, "-fw_cfg").starts_with("name=opt/torpor/secret,file=/data/"));
         assert!(!value_after(&args, "-append").contains("secret"));
     }
 
     #[test]
     fn qemu_confines_itself() {
-        let args = args(&spec(), Accel::Tcg, None);
+        let args = args(&spec(), &host(Accel::Tcg));
         assert_eq!(
             value_after(&args, "-sandbox"),
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"

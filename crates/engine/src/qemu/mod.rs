@@ -11,9 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sched::CloneFlags;
 
-use crate::cgroup::{Cgroup, Hierarchy};
+use crate::cgroup::Cgroup;
 use crate::jail::{self, JailSpec};
-use crate::process::{self, ExitWatch};
+use crate::process::ExitWatch;
 use serde_json::json;
 
 use crate::snapshot::{self, SnapshotMeta};
@@ -28,14 +28,13 @@ const QUIT_GRACE: Duration = Duration::from_secs(5);
 
 pub struct QemuEngine {
     binary: PathBuf,
-    accel: Accel,
-    /// Host TSC frequency, measured once, for TCG guests (see `cmdline::kernel_cmdline`).
-    tsc_khz: Option<u64>,
+    host: cmdline::HostSetup,
 }
 
 impl QemuEngine {
     /// `binary` is the QEMU executable (a name is looked up on `PATH`).
-    pub fn new(binary: &str, accel: Accel) -> Result<Self, EngineError> {
+    /// `tcg_code_cache_mib`: see [`cmdline::HostSetup`].
+    pub fn new(binary: &str, accel: Accel, tcg_code_cache_mib: u32) -> Result<Self, EngineError> {
         let missing = || EngineError::MissingBinary { binary: binary.to_owned(), package: "qemu-system-x86" };
         let path = which(binary).ok_or_else(missing)?;
         which("qemu-img").ok_or(EngineError::MissingBinary { binary: "qemu-img".into(), package: "qemu-utils" })?;
@@ -49,7 +48,7 @@ impl QemuEngine {
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
             tracing::warn!("cannot become a child subreaper: exits of jailed VMs will lack their status");
         }
-        Ok(Self { binary: path, accel, tsc_khz })
+        Ok(Self { binary: path, host: cmdline::HostSetup { accel, tsc_khz, tcg_code_cache_mib } })
     }
 }
 
@@ -68,17 +67,17 @@ impl QemuEngine {
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
         let log_err = log.try_clone().map_err(io("duplicating log fd"))?;
-        let cgroup = match (spec.limits, Hierarchy::detect()) {
-            (Some(limits), Some(hierarchy)) => {
-                let cgroup = Cgroup::for_vm(hierarchy, &process_name(&spec.id));
+        let cgroup = match spec.limits {
+            Some(limits) => {
+                let cgroup = Cgroup::required(Path::new(crate::cgroup::ROOT), &process_name(&spec.id))?;
                 cgroup.create(&limits)?;
                 Some(cgroup)
             }
-            _ => None,
+            None => None,
         };
 
         let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(cmdline::args(spec, self.accel, self.tsc_khz))
+        cmd.args(cmdline::args(spec, &self.host))
             .args(extra)
             .current_dir(&spec.run_dir)
             .stdin(Stdio::null())
@@ -185,7 +184,8 @@ impl QemuEngine {
         )?;
         let (read_end, write_end) = jail::pid_pipe()?;
         let procs = cgroup.map(Cgroup::procs_files).unwrap_or_default();
-        let plan = jail::Plan::new(jail, &spec.netns_path, &spec.run_dir, &procs, self.accel == Accel::Kvm, write_end)?;
+        let plan =
+            jail::Plan::new(jail, &spec.netns_path, &spec.run_dir, &procs, self.host.accel == Accel::Kvm, write_end)?;
         // SAFETY: `Plan::enter` makes only async-signal-safe calls on memory prepared here.
         unsafe {
             cmd.pre_exec(move || plan.enter());
@@ -233,7 +233,14 @@ impl Engine for QemuEngine {
     }
 
     fn accel(&self) -> Accel {
-        self.accel
+        self.host.accel
+    }
+
+    fn extra_memory_mib(&self) -> u32 {
+        match self.host.accel {
+            Accel::Tcg => self.host.tcg_code_cache_mib,
+            Accel::Kvm => 0,
+        }
     }
 
     async fn prepare_disk(&self, spec: &VmSpec) -> Result<(), EngineError> {
@@ -291,7 +298,7 @@ impl Engine for QemuEngine {
     }
 
     fn find_vm(&self, id: &str) -> Option<u32> {
-        process::pids_with_arg(&process_name(id)).first().copied()
+        vm_pids(id).first().copied()
     }
 
     async fn kill_stale(&self, id: &str) -> usize {
@@ -302,7 +309,7 @@ impl Engine for QemuEngine {
         if !is_vm_of(&spec.id, pid) {
             return Err(EngineError::NotOurs { pid, id: spec.id.clone() });
         }
-        let cgroup = spec.limits.and(Hierarchy::detect()).map(|h| Cgroup::for_vm(h, &process_name(&spec.id)));
+        let cgroup = spec.limits.and_then(|_| Cgroup::for_vm(&process_name(&spec.id)));
         let exit = ExitWatch::pid(pid, cgroup).map_err(io(format!("watching pid {pid}")))?;
         let vm = QemuVm { pid, exit, qmp_path: cmdline::qmp_socket(spec) };
         let mut qmp = Qmp::connect(&vm.qmp_path).await?;
@@ -311,13 +318,13 @@ impl Engine for QemuEngine {
     }
 }
 
-/// Kills every QEMU process of sandbox `id` (found by its `-name` argument, so a VM whose pid was
+/// Kills every VM process of sandbox `id` (every process in its cgroup, so a VM whose pid was
 /// never recorded is found too) and waits for each to go. Returns how many it killed. Needs no
 /// engine instance: usable even when QEMU has been uninstalled since.
 pub async fn kill_stale_vms(id: &str) -> usize {
     let mut killed = 0;
-    let cgroup = Hierarchy::detect().map(|h| Cgroup::for_vm(h, &process_name(id)));
-    for pid in process::pids_with_arg(&process_name(id)) {
+    let cgroup = Cgroup::for_vm(&process_name(id));
+    for pid in vm_pids(id) {
         let Ok(exit) = ExitWatch::pid(pid, cgroup.clone()) else { continue };
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         let _ = tokio::time::timeout(QUIT_GRACE, exit.wait()).await;
@@ -329,9 +336,14 @@ pub async fn kill_stale_vms(id: &str) -> usize {
     killed
 }
 
+/// The VM processes of sandbox `id`: those in its cgroup. Only root can put a process there,
+/// so a process that merely names the sandbox on its command line is never taken for its VM.
+fn vm_pids(id: &str) -> Vec<u32> {
+    Cgroup::for_vm(&process_name(id)).map(|c| c.pids()).unwrap_or_default()
+}
+
 fn is_vm_of(id: &str, pid: u32) -> bool {
-    let name = process_name(id);
-    process::cmdline(pid).is_some_and(|args| args.iter().any(|a| a == &name))
+    vm_pids(id).contains(&pid)
 }
 
 pub struct QemuVm {
