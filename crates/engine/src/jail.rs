@@ -3,10 +3,12 @@
 //!
 //! Between `fork` and `exec` of QEMU (all of it async-signal-safe: every path and buffer is
 //! prepared before the fork) the child:
-//! 1. enters the sandbox's network namespace and a session of its own;
-//! 2. unshares mount, PID and IPC namespaces and forks once more, so QEMU is PID 1 of a PID
-//!    namespace of its own (the intermediate process reports QEMU's host pid and exits; QEMU is
-//!    reparented to the daemon, a child subreaper);
+//! 1. starts a session of its own;
+//! 2. unshares network, mount, PID and IPC namespaces and forks once more, so QEMU is PID 1 of a
+//!    PID namespace of its own (the intermediate process reports QEMU's host pid and exits; QEMU
+//!    is reparented to the daemon, a child subreaper). The network namespace is empty: QEMU's
+//!    only way to any network is the tap descriptor it is handed, which carries the guest's
+//!    frames through the sandbox's firewall; a socket of its own reaches nothing;
 //! 3. joins its cgroup;
 //! 4. builds a root of its own on a tmpfs holding only: /usr and the loader cache (read-only),
 //!    the kernel/image and template directories (read-only), its own run directory, and the
@@ -16,7 +18,9 @@
 //! 6. drops every capability, including from the bounding set, switches to the sandbox's own
 //!    unprivileged uid and gid, and sets `no_new_privs`.
 //!
-//! QEMU then enables its own seccomp filter (`-sandbox on,…`, see `cmdline`).
+//! QEMU then enables its own seccomp filter (`-sandbox on,…`, see `cmdline`). It inherits no
+//! environment and the descriptors it is handed (tap, control socket, console) are its only
+//! way out: the run directory is root's, so it can create no file and replace none.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -65,7 +69,8 @@ enum Op {
 
 /// Everything the child needs, made before the fork.
 pub struct Plan {
-    netns: OwnedFd,
+    /// Descriptors QEMU is handed by number: kept open across `exec`.
+    handed: Vec<std::os::fd::RawFd>,
     cgroup_procs: Vec<OwnedFd>,
     pid_pipe_write: OwnedFd,
     root: CString,
@@ -94,22 +99,20 @@ const SYSTEM_LINKS: &[&str] = &["/bin", "/sbin", "/lib", "/lib64", "/lib32", "/l
 const SYSTEM_FILES: &[&str] = &["/etc/ld.so.cache"];
 /// Harmless to anyone: world read/write.
 const SHARED_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
-/// The VM's alone: the tap it may attach to (only taps its uid owns), and KVM.
-const VM_DEVICES: &[&str] = &["/dev/net/tun"];
+/// The VM's alone, where the host has hardware virtualisation.
+const KVM_DEVICE: &str = "/dev/kvm";
 
 impl Plan {
-    /// `pid_pipe_write`: the intermediate process writes QEMU's host pid there.
+    /// `pid_pipe_write`: the intermediate process writes QEMU's host pid there. `handed`: open
+    /// descriptors QEMU finds under the same numbers.
     pub fn new(
         jail: &JailSpec,
-        netns_path: &Path,
         run_dir: &Path,
         cgroup_procs: &[PathBuf],
         kvm: bool,
         pid_pipe_write: OwnedFd,
+        handed: Vec<std::os::fd::RawFd>,
     ) -> Result<Self, EngineError> {
-        let netns = std::fs::File::open(netns_path)
-            .map_err(io(format!("opening network namespace {}", netns_path.display())))?
-            .into();
         let cgroup_procs = cgroup_procs
             .iter()
             .map(|p| {
@@ -165,10 +168,7 @@ impl Plan {
             ops.push(Op::Touch(cstr(&inside(file))));
             ops.push(Op::Bind { src: cstr(file), dst: cstr(&inside(file)), read_only: true });
         }
-        let mut vm_devices: Vec<&str> = VM_DEVICES.to_vec();
-        if kvm {
-            vm_devices.push("/dev/kvm");
-        }
+        let vm_devices: Vec<&str> = if kvm { vec![KVM_DEVICE] } else { Vec::new() };
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
         for (dev, vm_only) in SHARED_DEVICES.iter().map(|d| (d, false)).chain(vm_devices.iter().map(|d| (d, true))) {
             let path = Path::new(dev);
@@ -187,7 +187,7 @@ impl Plan {
         let proc_dir = inside(Path::new("/proc"));
         mkdir_p(&mut ops, &proc_dir);
         Ok(Self {
-            netns,
+            handed,
             cgroup_procs,
             pid_pipe_write,
             root: cstr(root),
@@ -206,11 +206,10 @@ impl Plan {
     /// # Safety
     /// Must only be called between `fork` and `exec` (from `Command::pre_exec`).
     pub unsafe fn enter(&self) -> std::io::Result<()> {
-        check(libc::setns(self.netns.as_raw_fd(), libc::CLONE_NEWNET))?;
         // Its own session: signals aimed at the daemon's terminal or group never reach it, so
         // sandboxes outlive a daemon restart.
         check(libc::setsid())?;
-        check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC))?;
+        check(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC))?;
         match check(libc::fork())? {
             0 => {}
             qemu => {
@@ -224,6 +223,9 @@ impl Plan {
             if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
             }
+        }
+        for fd in &self.handed {
+            check(libc::fcntl(*fd, libc::F_SETFD, 0))?;
         }
         // The daemon's umask (077) would make the jail's directories untraversable by the VM.
         libc::umask(0o022);

@@ -4,6 +4,7 @@
 
 mod accel;
 pub mod cgroup;
+pub mod console;
 pub mod jail;
 mod process;
 pub mod qemu;
@@ -76,22 +77,19 @@ pub struct VmSpec {
     pub secret_file: PathBuf,
     /// Appended to the kernel command line (debugging, fault injection).
     pub kernel_args_extra: String,
-    /// Who the VM process runs as and what it sees; `None` runs it unconfined (unit tests).
-    pub jail: Option<JailSpec>,
-    /// Its cgroup's limits; `None`: no cgroup.
-    pub limits: Option<Limits>,
+    /// Who the VM process runs as and what it sees.
+    pub jail: JailSpec,
+    /// Its cgroup's limits.
+    pub limits: Limits,
 }
 
 impl VmSpec {
     pub fn disk(&self) -> PathBuf {
         self.run_dir.join("disk.qcow2")
     }
+    /// The guest's console output, bounded (see [`console`]).
     pub fn console_log(&self) -> PathBuf {
-        self.run_dir.join("console.log")
-    }
-    /// Directory the VM process may create files in (its control socket).
-    pub fn vmm_dir(&self) -> PathBuf {
-        self.run_dir.join("vmm")
+        console::log_path(&self.run_dir)
     }
 }
 
@@ -139,11 +137,4 @@ pub trait Vm: Send + Sync {
     async fn guest_running(&self) -> Result<bool, EngineError>;
     /// Lets a stopped guest run again.
     async fn continue_guest(&self) -> Result<(), EngineError>;
-}
-
-/// The last `lines` lines of a console log, for error messages.
-pub fn console_tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -1,5 +1,5 @@
-//! Watching a VM process: our own child (exit status known) or one adopted from an earlier daemon
-//! (watched through a pidfd, since only its parent could learn its status).
+//! Watching a VM process through a pidfd: one of ours (jailed VMs are reparented to the daemon,
+//! a subreaper, so its exit status is known) or one adopted from an earlier daemon.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
@@ -15,18 +15,6 @@ pub struct ExitWatch {
 }
 
 impl ExitWatch {
-    pub fn child(mut child: tokio::process::Child) -> Self {
-        let (tx, rx) = watch::channel(None);
-        tokio::spawn(async move {
-            let description = match child.wait().await {
-                Ok(status) => describe(status),
-                Err(e) => format!("lost track of the VM process: {e}"),
-            };
-            let _ = tx.send(Some(VmExit { description }));
-        });
-        Self { rx }
-    }
-
     /// Watches `pid` through a pidfd. When it exits it is reaped if it is our child (a jailed VM
     /// is reparented to the daemon, a subreaper), which also tells how it ended; then its
     /// `cgroup`, if any, is removed.
@@ -104,17 +92,4 @@ async fn remove_when_empty(cgroup: &Cgroup) {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     cgroup.remove();
-}
-
-fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(0), _) => "the VM process exited".into(),
-        (Some(code), _) => format!("the VM process exited with status {code}"),
-        (None, Some(sig)) => format!(
-            "the VM process was killed by signal {sig} ({})",
-            nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown")
-        ),
-        _ => "the VM process ended".into(),
-    }
 }

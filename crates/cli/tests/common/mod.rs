@@ -15,6 +15,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 pub const TORPOR: &str = env!("CARGO_BIN_EXE_torpor");
+/// Set in every test daemon's environment.
+pub const ENV_SENTINEL: &str = "TORPOR_TEST_SENTINEL";
 
 /// Images are shared by all tests: `$TORPOR_IMAGES` or the default cache.
 pub fn image_dir() -> PathBuf {
@@ -135,6 +137,8 @@ impl Daemon {
             .args(["server", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            // The jail tests check that nothing of the daemon's environment reaches a VM.
+            .env(ENV_SENTINEL, "must-not-reach-the-vm")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -155,6 +159,10 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.api_key = std::fs::read_to_string(self.home.path().join("api-key")).unwrap().trim().to_owned();
+    }
+
+    pub fn server_pid(&self) -> u32 {
+        self.child.as_ref().expect("the server runs").id()
     }
 
     /// Kills the server process the hard way (sandboxes keep running).

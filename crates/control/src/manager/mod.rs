@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rand::RngCore;
-use torpor_engine::{console_tail, Engine, Vm, VmSpec};
+use torpor_engine::{console, Engine, Vm, VmSpec};
 use torpor_image::ImageStore;
 use torpor_net::{AddressPool, SandboxEgress, SandboxNet, Upstream, TAP};
 
@@ -220,8 +220,8 @@ impl Manager {
             secret_file: run_dir.join("secret"),
             run_dir,
             kernel_args_extra: self.cfg.kernel_args_extra.clone(),
-            jail: Some(self.jail_spec(rec, &image, template.as_deref())),
-            limits: Some(self.engine_limits(rec)),
+            jail: self.jail_spec(rec, &image, template.as_deref()),
+            limits: self.engine_limits(rec),
         }
     }
 
@@ -545,7 +545,7 @@ impl Manager {
                 table.remove(&id);
             }
         }
-        let tail = console_tail(&self.run_dir(&id).join("console.log"), 5);
+        let tail = console::tail(&self.run_dir(&id), 5);
         let reason = if tail.trim().is_empty() {
             exit.description.clone()
         } else {
@@ -614,7 +614,7 @@ impl Manager {
 
     async fn finish_stop(&self, id: &str) -> Result<(), ApiError> {
         let dir = self.run_dir(id);
-        let _ = std::fs::remove_file(dir.join("vmm").join("qmp.sock"));
+        let _ = std::fs::remove_file(dir.join("qmp.sock"));
         self.store.set_pid(id, None).await?;
         self.store.transition(id, &[State::Stopping], State::Stopped, None).await?;
         Ok(())
@@ -701,7 +701,7 @@ pub(super) async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Dura
 pub(super) fn with_console_tail(spec: &VmSpec, message: String) -> ApiError {
     ApiError::internal(format!(
         "{message}\n--- console log (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
-        console_tail(&spec.console_log(), CONSOLE_TAIL_LINES)
+        console::tail(&spec.run_dir, CONSOLE_TAIL_LINES)
     ))
 }
 

@@ -2,6 +2,7 @@
 
 use torpor_proto::SECRET_FW_CFG_NAME;
 
+use super::handoff::HandedFds;
 use crate::{Accel, VmSpec};
 
 /// `-name` value; reconciliation recognises a sandbox's VM process by it.
@@ -9,8 +10,10 @@ pub fn process_name(id: &str) -> String {
     format!("torpor-{id}")
 }
 
+/// Where the daemon reaches the VM's control socket: in the run directory, which is root's,
+/// so the VM cannot put anything else at this path.
 pub fn qmp_socket(spec: &VmSpec) -> std::path::PathBuf {
-    spec.vmm_dir().join("qmp.sock")
+    spec.run_dir.join("qmp.sock")
 }
 
 /// `tsc_khz` is the host TSC frequency, given to TCG guests: they otherwise calibrate against the
@@ -43,7 +46,11 @@ pub struct HostSetup {
     pub tcg_code_cache_mib: u32,
 }
 
-pub fn args(spec: &VmSpec, host: &HostSetup) -> Vec<String> {
+/// The console's descriptor is named through an fd set: QEMU's `file` chardev accepts
+/// `/dev/fdset/N` as its path.
+const CONSOLE_FDSET: u32 = 1;
+
+pub fn args(spec: &VmSpec, host: &HostSetup, fds: &HandedFds) -> Vec<String> {
     let p = |path: &std::path::Path| path.display().to_string();
     let (cpu, accel) = match host.accel {
         Accel::Kvm => ("host", "kvm".to_owned()),
@@ -81,8 +88,11 @@ pub fn args(spec: &VmSpec, host: &HostSetup) -> Vec<String> {
         p(&spec.initrd),
         "-append".into(),
         kernel_cmdline(spec, tsc_khz),
+        "-add-fd".into(),
+        format!("fd={},set={CONSOLE_FDSET}", fds.console),
         "-chardev".into(),
-        format!("file,id=console,path={}", p(&spec.console_log())),
+        // append: without it QEMU truncates what it opens, which a FIFO refuses.
+        format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
         "-serial".into(),
         "chardev:console".into(),
         "-drive".into(),
@@ -90,13 +100,15 @@ pub fn args(spec: &VmSpec, host: &HostSetup) -> Vec<String> {
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
         "-netdev".into(),
-        format!("tap,id=net0,ifname={},script=no,downscript=no", spec.tap),
+        format!("tap,id=net0,fd={}", fds.tap),
         "-device".into(),
         format!("virtio-net-device,netdev=net0,mac={}", spec.mac),
         "-fw_cfg".into(),
         format!("name={SECRET_FW_CFG_NAME},file={}", p(&spec.secret_file)),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", p(&qmp_socket(spec))),
+        "-chardev".into(),
+        format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
         // QEMU's own seccomp filter: no obsolete or privilege-changing system calls, no new
         // processes (migration goes through descriptors the daemon passes), no changes to
         // scheduling or resource limits.
@@ -110,6 +122,7 @@ pub fn args(spec: &VmSpec, host: &HostSetup) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qemu::handoff::fake_fds;
     use std::path::PathBuf;
 
     fn spec() -> VmSpec {
@@ -127,8 +140,14 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             secret_file: "/data/sandboxes/sb-abc/secret".into(),
             kernel_args_extra: String::new(),
-            jail: None,
-            limits: None,
+            jail: crate::JailSpec {
+                uid: 1_000_000_001,
+                gid: 1_000_000_001,
+                groups: vec![1_000_000_000],
+                max_file_bytes: 1 << 30,
+                read_only: vec![],
+            },
+            limits: crate::Limits::new(2, 512, 128, 512, 100),
         }
     }
 
@@ -143,20 +162,20 @@ mod tests {
 
     #[test]
     fn sizes_and_accelerator_follow_the_spec() {
-        let args = args(&spec(), &host(Accel::Tcg));
+        let args = args(&spec(), &host(Accel::Tcg), &fake_fds());
         assert_eq!(value_after(&args, "-smp"), "2");
         assert_eq!(value_after(&args, "-m"), "512M");
         assert_eq!(value_after(&args, "-accel"), "tcg,tb-size=96", "TCG's code cache must be bounded");
         assert_eq!(value_after(&args, "-cpu"), "max");
         assert_eq!(value_after(&args, "-name"), "torpor-sb-abc");
-        let kvm = super::args(&spec(), &host(Accel::Kvm));
+        let kvm = super::args(&spec(), &host(Accel::Kvm), &fake_fds());
         assert_eq!(value_after(&kvm, "-cpu"), "host");
         assert_eq!(value_after(&kvm, "-accel"), "kvm");
     }
 
     #[test]
     fn ram_is_a_shared_file_in_the_run_dir() {
-        let args = args(&spec(), &host(Accel::Tcg));
+        let args = args(&spec(), &host(Accel::Tcg), &fake_fds());
         assert_eq!(
             value_after(&args, "-object"),
             "memory-backend-file,id=mem,size=512M,mem-path=/data/sandboxes/sb-abc/mem.ram,share=on"
@@ -166,19 +185,25 @@ mod tests {
 
     #[test]
     fn secret_travels_by_fw_cfg_not_the_command_line() {
-        let args = args(&spec(), &host(Accel::Tcg));
+        let args = args(&spec(), &host(Accel::Tcg), &fake_fds());
         assert!(value_after(&args, "-fw_cfg").starts_with("name=opt/torpor/secret,file=/data/"));
         assert!(!value_after(&args, "-append").contains("secret"));
     }
 
     #[test]
     fn qemu_confines_itself() {
-        let args = args(&spec(), &host(Accel::Tcg));
+        let args = args(&spec(), &host(Accel::Tcg), &fake_fds());
         assert_eq!(
             value_after(&args, "-sandbox"),
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         );
-        assert!(value_after(&args, "-qmp").contains("/data/sandboxes/sb-abc/vmm/qmp.sock"));
+        // Everything QEMU reaches outside the guest is a descriptor it is handed, never a path.
+        assert_eq!(value_after(&args, "-netdev"), "tap,id=net0,fd=10");
+        assert_eq!(value_after(&args, "-mon"), "chardev=qmp,mode=control");
+        assert!(args.contains(&"socket,id=qmp,fd=11,server=on,wait=off".to_owned()));
+        assert_eq!(value_after(&args, "-add-fd"), "fd=12,set=1");
+        assert!(args.contains(&"file,id=console,path=/dev/fdset/1,append=on".to_owned()));
+        assert!(!args.iter().any(|a| a.contains("ifname=") || a.contains("unix:")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! QEMU `microvm` backend.
 
 mod cmdline;
+mod handoff;
 mod qmp;
 
 use std::os::fd::AsFd;
@@ -9,10 +10,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nix::sched::CloneFlags;
 
 use crate::cgroup::Cgroup;
-use crate::jail::{self, JailSpec};
+use crate::jail;
 use crate::process::ExitWatch;
 use serde_json::json;
 
@@ -23,6 +23,8 @@ use qmp::Qmp;
 
 /// How long QEMU may take to open its control socket.
 const QMP_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Saving or loading a VM's device state.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `terminate` waits after `quit` before it kills.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -53,13 +55,10 @@ impl QemuEngine {
 }
 
 impl QemuEngine {
-    /// Starts QEMU for `spec` with `extra` arguments, jailed when the spec says so; returns once
-    /// QMP answers.
+    /// Starts QEMU for `spec` with `extra` arguments, jailed, in its cgroup; returns once QMP
+    /// answers.
     async fn spawn(&self, spec: &VmSpec, extra: &[&str]) -> Result<QemuVm, EngineError> {
         let qmp_path = cmdline::qmp_socket(spec);
-        let vmm_dir = spec.vmm_dir();
-        std::fs::create_dir_all(&vmm_dir).map_err(io(format!("creating {}", vmm_dir.display())))?;
-        let _ = std::fs::remove_file(&qmp_path);
         let log_path = spec.run_dir.join("qemu.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -67,74 +66,44 @@ impl QemuEngine {
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
         let log_err = log.try_clone().map_err(io("duplicating log fd"))?;
-        let cgroup = match spec.limits {
-            Some(limits) => {
-                let cgroup = Cgroup::required(Path::new(crate::cgroup::ROOT), &process_name(&spec.id))?;
-                cgroup.create(&limits)?;
-                Some(cgroup)
-            }
-            None => None,
-        };
+        let handoff = handoff::Handoff::open(spec)?;
+        let cgroup = Cgroup::required(Path::new(crate::cgroup::ROOT), &process_name(&spec.id))?;
+        cgroup.create(&spec.limits)?;
 
         let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(cmdline::args(spec, &self.host))
+        cmd.args(cmdline::args(spec, &self.host, &handoff.fds()))
             .args(extra)
+            // Nothing of the daemon's environment (keys an operator exported, say) reaches it.
+            .env_clear()
             .current_dir(&spec.run_dir)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .kill_on_drop(false);
-        let pid_report = match &spec.jail {
-            Some(jail) => {
-                let result = self.prepare_jail(spec, jail, cgroup.as_ref(), &mut cmd);
-                if result.is_err() {
-                    if let Some(cg) = &cgroup {
-                        cg.remove();
-                    }
-                }
-                Some(result?)
-            }
-            None => {
-                let netns = std::fs::File::open(&spec.netns_path)
-                    .map_err(io(format!("opening network namespace {}", spec.netns_path.display())))?;
-                // SAFETY: setns and setsid are async-signal-safe; `netns` lives in the closure.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        nix::sched::setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                        nix::unistd::setsid().map_err(std::io::Error::from)?;
-                        Ok(())
-                    });
-                }
-                None
+        let pid_report = match self.prepare_jail(spec, &cgroup, &handoff, &mut cmd) {
+            Ok(read_end) => read_end,
+            Err(e) => {
+                cgroup.remove();
+                return Err(e);
             }
         };
         let spawned = cmd.spawn();
         // Closes the parent's copies of everything the child was handed.
         drop(cmd);
+        drop(handoff);
         let child = match spawned {
             Ok(child) => child,
             Err(e) => {
-                if let Some(cg) = &cgroup {
-                    cg.remove();
-                }
+                cgroup.remove();
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 return Err(EngineError::EarlyExit(format!("{e}: {}", log.trim())));
             }
         };
-        let (pid, exit) = match pid_report {
-            // The child was the jail's intermediate process: it has reported QEMU's pid and
-            // exited (tokio reaps it). QEMU is reparented to us.
-            Some(read_end) => {
-                let pid = jail::read_pid(read_end)?;
-                drop(child);
-                let exit = ExitWatch::pid(pid, cgroup.clone()).map_err(io(format!("watching pid {pid}")))?;
-                (pid, exit)
-            }
-            None => {
-                let pid = child.id().ok_or_else(|| EngineError::EarlyExit("no pid".into()))?;
-                (pid, ExitWatch::child(child))
-            }
-        };
+        // The child was the jail's intermediate process: it has reported QEMU's pid and exited
+        // (tokio reaps it). QEMU is reparented to us.
+        let pid = jail::read_pid(pid_report)?;
+        drop(child);
+        let exit = ExitWatch::pid(pid, Some(cgroup)).map_err(io(format!("watching pid {pid}")))?;
         let vm = QemuVm { pid, exit, qmp_path };
         if let Err(e) = vm.wait_for_qmp().await {
             vm.terminate().await;
@@ -144,7 +113,7 @@ impl QemuEngine {
                 other => other,
             });
         }
-        tracing::debug!(id = %spec.id, pid, jailed = spec.jail.is_some(), "VM process started");
+        tracing::debug!(id = %spec.id, pid, "VM process started");
         Ok(vm)
     }
 
@@ -153,17 +122,11 @@ impl QemuEngine {
     fn prepare_jail(
         &self,
         spec: &VmSpec,
-        jail: &JailSpec,
-        cgroup: Option<&Cgroup>,
+        cgroup: &Cgroup,
+        handoff: &handoff::Handoff,
         cmd: &mut tokio::process::Command,
     ) -> Result<std::os::fd::OwnedFd, EngineError> {
         // QEMU cannot create files in the run directory, so what it writes exists beforehand.
-        let console = spec.console_log();
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&console)
-            .map_err(io(format!("creating {}", console.display())))?;
         let memory = snapshot::memory_file(&spec.run_dir);
         let ram = std::fs::OpenOptions::new()
             .create(true)
@@ -178,14 +141,20 @@ impl QemuEngine {
         }
         jail::prepare_run_dir(
             &spec.run_dir,
-            jail,
-            &[spec.disk(), memory, console, spec.vmm_dir()],
+            &spec.jail,
+            &[spec.disk(), memory],
             std::slice::from_ref(&spec.secret_file),
         )?;
         let (read_end, write_end) = jail::pid_pipe()?;
-        let procs = cgroup.map(Cgroup::procs_files).unwrap_or_default();
-        let plan =
-            jail::Plan::new(jail, &spec.netns_path, &spec.run_dir, &procs, self.host.accel == Accel::Kvm, write_end)?;
+        let fds = handoff.fds();
+        let plan = jail::Plan::new(
+            &spec.jail,
+            &spec.run_dir,
+            &cgroup.procs_files(),
+            self.host.accel == Accel::Kvm,
+            write_end,
+            vec![fds.tap, fds.qmp, fds.console],
+        )?;
         // SAFETY: `Plan::enter` makes only async-signal-safe calls on memory prepared here.
         unsafe {
             cmd.pre_exec(move || plan.enter());
@@ -204,8 +173,15 @@ fn ignore_shared() -> serde_json::Value {
     json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
-/// Polls `query-migrate` until the migration ends; `Err` carries QEMU's reason.
+/// Polls `query-migrate` until the migration ends; `Err` carries QEMU's reason. Only device
+/// state is streamed (RAM is the shared file), a few hundred KiB: a minute means it is stuck.
 async fn wait_for_migration(qmp: &mut Qmp) -> Result<(), String> {
+    tokio::time::timeout(MIGRATION_TIMEOUT, poll_migration(qmp))
+        .await
+        .unwrap_or_else(|_| Err(format!("not finished within {} s", MIGRATION_TIMEOUT.as_secs())))
+}
+
+async fn poll_migration(qmp: &mut Qmp) -> Result<(), String> {
     loop {
         let info = qmp.execute("query-migrate", None).await.map_err(|e| e.to_string())?;
         match info["status"].as_str().unwrap_or("") {
@@ -309,8 +285,9 @@ impl Engine for QemuEngine {
         if !is_vm_of(&spec.id, pid) {
             return Err(EngineError::NotOurs { pid, id: spec.id.clone() });
         }
-        let cgroup = spec.limits.and_then(|_| Cgroup::for_vm(&process_name(&spec.id)));
+        let cgroup = Cgroup::for_vm(&process_name(&spec.id));
         let exit = ExitWatch::pid(pid, cgroup).map_err(io(format!("watching pid {pid}")))?;
+        crate::console::reattach(&spec.run_dir)?;
         let vm = QemuVm { pid, exit, qmp_path: cmdline::qmp_socket(spec) };
         let mut qmp = Qmp::connect(&vm.qmp_path).await?;
         qmp.execute("query-status", None).await?;
