@@ -226,3 +226,42 @@ async fn daemon_restart_adopts_running_sandboxes() {
         assert_nothing_left(&d, id, false);
     }
 }
+
+/// The guest answers health checks but never finishes writing its credentials (its root
+/// filesystem frozen under their directory): a resume still returns, a daemon restart still
+/// serves, and the sandbox can still be removed. Each call that waits on the guest has a
+/// deadline; without them each of these waited forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_that_stalls_its_supervisor_holds_up_nothing() {
+    let mut d = Daemon::start().await;
+    let sb = d.create(json!({ "idle_timeout_secs": 0 })).await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let frozen = sh(
+        &d,
+        &id,
+        "mkdir -p /var/stall && mount --bind /var/stall /run/torpor/credentials && fsfreeze -f / && echo frozen",
+    )
+    .await;
+    assert_eq!(frozen, "frozen");
+
+    let (status, body) = d.call(Method::POST, &format!("/v1/sandboxes/{id}/pause"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let path = format!("/v1/sandboxes/{id}/resume");
+    let resume = d.call(Method::POST, &path, None);
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(120), resume).await.expect("the resume never returned");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(d.server_log().contains("delivering credentials failed"), "the stalled delivery must be reported");
+
+    // Start-up adopts it without waiting on it (spawn fails if the API does not answer in 30 s).
+    d.kill_server();
+    d.spawn().await;
+    assert_eq!(d.get(&id).await["state"], "running");
+
+    let path = format!("/v1/sandboxes/{id}");
+    let delete = d.call(Method::DELETE, &path, None);
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(120), delete).await.expect("the delete never returned");
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_nothing_left(&d, &id, false);
+}

@@ -1,4 +1,8 @@
 //! The host's client for one sandbox's supervisor.
+//!
+//! The supervisor runs in the guest, which may be hostile: every call has a deadline on the
+//! host's side (a guest that ignores `grpc-timeout`, or answers pings but never the call, still
+//! cannot hold a lifecycle operation, start-up or a lock), and answers are size-limited.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,6 +29,16 @@ impl tonic::service::Interceptor for Auth {
 
 pub type Client = SupervisorClient<InterceptedService<Channel, Auth>>;
 pub type AgentClient = torpor_proto::supervisor::agent_client::AgentClient<InterceptedService<Channel, Auth>>;
+
+/// Deadline of a call whose answer the guest has no reason to delay.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `call`, or `DeadlineExceeded` once `CALL_TIMEOUT` has passed.
+pub async fn within<T>(call: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    tokio::time::timeout(CALL_TIMEOUT, call).await.unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!("the guest did not answer within {} s", CALL_TIMEOUT.as_secs())))
+    })
+}
 
 #[derive(Clone)]
 pub struct GuestClient {
@@ -71,43 +85,83 @@ impl GuestClient {
     pub async fn health(&self, timeout: Duration) -> Result<HealthResponse, Status> {
         let mut req = Request::new(HealthRequest {});
         req.set_timeout(timeout);
-        Ok(self.raw().health(req).await?.into_inner())
+        let answer = tokio::time::timeout(timeout, self.raw().health(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis())))??;
+        Ok(answer.into_inner())
     }
 
-    pub async fn set_env(&self, env: std::collections::HashMap<String, String>) -> Result<(), Status> {
-        self.raw().set_env(SetEnvRequest { env, replace: false }).await?;
+    /// Adds to (or, `replace`, replaces) the environment every new exec starts with.
+    pub async fn set_env(&self, env: std::collections::HashMap<String, String>, replace: bool) -> Result<(), Status> {
+        within(self.raw().set_env(SetEnvRequest { env, replace })).await?;
         Ok(())
     }
 
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), Status> {
         let mut req = Request::new(ShutdownRequest {});
         req.set_timeout(timeout);
-        self.raw().shutdown(req).await?;
+        tokio::time::timeout(timeout, self.raw().shutdown(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the guest did not acknowledge the shutdown"))??;
         Ok(())
     }
 
     pub async fn signal(&self, exec_id: &str, signal: i32) -> Result<(), Status> {
-        self.raw().signal(SignalRequest { exec_id: exec_id.to_owned(), signal }).await?;
+        within(self.raw().signal(SignalRequest { exec_id: exec_id.to_owned(), signal })).await?;
         Ok(())
     }
 
     /// Sets the guest's wall clock to the host's now.
     pub async fn sync_clock(&self) -> Result<(), Status> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let mut req = Request::new(SetClockRequest { unix_nanos: now.as_nanos() as i64 });
-        req.set_timeout(Duration::from_secs(5));
-        self.raw().set_clock(req).await?;
+        within(self.raw().set_clock(SetClockRequest { unix_nanos: now.as_nanos() as i64 })).await?;
         Ok(())
     }
 
     pub async fn set_identity(&self, req: IdentityRequest) -> Result<(), Status> {
-        let mut req = Request::new(req);
-        req.set_timeout(Duration::from_secs(10));
-        self.raw().set_identity(req).await?;
+        within(self.raw().set_identity(req)).await?;
         Ok(())
     }
 
     pub async fn info(&self) -> Result<InfoResponse, Status> {
-        Ok(self.raw().info(InfoRequest {}).await?.into_inner())
+        Ok(within(self.raw().info(InfoRequest {})).await?.into_inner())
+    }
+
+    /// Writes a small file in the guest, atomically, creating its directory.
+    pub async fn write_small_file(&self, path: &str, data: &[u8], mode: u32) -> Result<(), Status> {
+        let header = WriteFileHeader { path: path.to_owned(), mode, owner: String::new(), create_parents: true };
+        let messages = vec![
+            WriteFileInput { kind: Some(write_file_input::Kind::Header(header)) },
+            WriteFileInput { kind: Some(write_file_input::Kind::Data(data.to_vec())) },
+        ];
+        within(self.raw().write_file(tokio_stream::iter(messages))).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A "guest" that accepts connections and never says anything: every call must still end.
+    #[tokio::test]
+    async fn a_guest_that_never_answers_cannot_hold_a_call() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let guest = GuestClient::new(addr, "00");
+        let (file, env, info) = tokio::join!(
+            guest.write_small_file("/run/torpor/credentials/X", b"v", 0o600),
+            guest.set_env(Default::default(), false),
+            guest.info(),
+        );
+        for e in [file.unwrap_err(), env.unwrap_err(), info.map(drop).unwrap_err()] {
+            assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+        }
     }
 }

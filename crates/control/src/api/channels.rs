@@ -266,10 +266,7 @@ pub async fn agent_status(
     Path(id): Path<String>,
 ) -> Result<Json<AgentStatus>, ApiError> {
     let live = state.manager.running(&id).await?;
-    let status = live
-        .guest
-        .agent()
-        .status(torpor_proto::supervisor::AgentStatusRequest {})
+    let status = crate::guest::within(live.guest.agent().status(torpor_proto::supervisor::AgentStatusRequest {}))
         .await
         .map_err(ApiError::from_guest)?
         .into_inner();
@@ -304,12 +301,11 @@ pub async fn agent_cancel(
 ) -> Result<Json<Cancelled>, ApiError> {
     let req = json_body(body)?;
     let live = state.manager.running(&id).await?;
-    let answer = live
-        .guest
-        .agent()
-        .cancel(torpor_proto::supervisor::CancelRequest { conversation: req.conversation })
-        .await
-        .map_err(ApiError::from_guest)?
-        .into_inner();
+    let answer = crate::guest::within(
+        live.guest.agent().cancel(torpor_proto::supervisor::CancelRequest { conversation: req.conversation }),
+    )
+    .await
+    .map_err(ApiError::from_guest)?
+    .into_inner();
     Ok(Json(Cancelled { cancelled: answer.cancelled }))
 }

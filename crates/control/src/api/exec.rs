@@ -61,7 +61,8 @@ async fn start(
         futures::stream::iter(kinds.into_iter().map(|kind| ExecInput { kind: Some(kind) }))
     });
     let input = futures::stream::iter([first]).chain(rest);
-    let output = live.guest.raw().exec(input).await.map_err(ApiError::from_guest)?.into_inner();
+    // The call itself must be taken up promptly; what it runs may take as long as it takes.
+    let output = crate::guest::within(live.guest.raw().exec(input)).await.map_err(ApiError::from_guest)?.into_inner();
     let events = output
         .map(|item| match item {
             Ok(out) => match out.kind {

@@ -151,14 +151,14 @@ pub async fn download(
     validate_guest_path(&params.path)?;
     let limit = state.manager.cfg.max_file_bytes;
     let live = state.manager.running(&id).await?;
-    let mut stream = live
-        .guest
-        .raw()
-        .read_file(ReadFileRequest { path: params.path.clone() })
+    let mut stream = crate::guest::within(live.guest.raw().read_file(ReadFileRequest { path: params.path.clone() }))
         .await
         .map_err(ApiError::from_guest)?
         .into_inner();
-    let info = match stream.next().await {
+    let first = tokio::time::timeout(crate::guest::CALL_TIMEOUT, stream.next())
+        .await
+        .map_err(|_| ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the guest did not start sending the file"))?;
+    let info = match first {
         Some(Ok(msg)) => match msg.kind {
             Some(read_file_output::Kind::Info(info)) => info,
             _ => return Err(ApiError::internal("guest sent data before file info")),

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use torpor_proto::supervisor::{write_file_input, SetEnvRequest, WriteFileHeader, WriteFileInput};
 use torpor_proto::{GUEST_API_PORT, GUEST_GATEWAY};
 
 use super::{now_ms, Busy, Live, Manager};
@@ -65,6 +64,12 @@ pub(super) struct Delivery {
 impl Delivery {
     pub(super) fn pushed(&self) -> bool {
         self.refresh_ms.load(Ordering::SeqCst) != 0
+    }
+
+    /// A whole delivery (the files that never change too), at the refresher's next sweep.
+    pub(super) fn due_now(&self) {
+        self.statics_written.store(false, Ordering::SeqCst);
+        self.refresh_ms.store(now_ms().max(1), Ordering::SeqCst);
     }
 
     /// Schedules the next delivery after one that wrote the static files (`first`) or not
@@ -145,12 +150,13 @@ impl Manager {
         // All at once: this is on the resume path, and each is a round trip to the guest.
         let writes = creds.iter().filter(|(name, _)| first || !STATIC.contains(&name.as_str())).map(
             |(name, value)| async move {
-                write_guest_file(guest, &format!("{CREDENTIALS_DIR}/{name}"), value.as_bytes(), 0o600)
+                guest
+                    .write_small_file(&format!("{CREDENTIALS_DIR}/{name}"), value.as_bytes(), 0o600)
                     .await
                     .map_err(|e| ApiError::internal(format!("writing {name} into sandbox {id}: {e}")))
             },
         );
-        let env = guest.set_env(creds.clone());
+        let env = guest.set_env(creds.clone(), false);
         let (written, env) = futures::join!(futures::future::join_all(writes), env);
         written.into_iter().collect::<Result<Vec<()>, _>>()?;
         env.map_err(ApiError::from_guest)?;
@@ -172,13 +178,13 @@ impl Manager {
         let lock = self.credential_lock(&rec.id);
         let _one_at_a_time = lock.lock().await;
         let env = rec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut client = guest.raw();
-        let reset = client.set_env(SetEnvRequest { env, replace: true });
+        let reset = guest.set_env(env, true);
         let mut names: Vec<String> = STATIC.iter().map(|n| n.to_string()).collect();
         names.extend(["TORPOR_TOKEN".into(), "GITHUB_TOKEN".into()]);
         names.extend(rec.secrets.iter().cloned());
         let blanks = names.iter().map(|name| async move {
-            write_guest_file(guest, &format!("{CREDENTIALS_DIR}/{name}"), b"", 0o600)
+            guest
+                .write_small_file(&format!("{CREDENTIALS_DIR}/{name}"), b"", 0o600)
                 .await
                 .map_err(|e| ApiError::internal(format!("clearing {name} in sandbox {}: {e}", rec.id)))
         });
@@ -271,17 +277,6 @@ impl Manager {
             tracing::warn!(%id, error = %e, "recording model usage failed");
         }
     }
-}
-
-/// Writes a small file in the guest, atomically, creating its directory.
-async fn write_guest_file(guest: &GuestClient, path: &str, data: &[u8], mode: u32) -> Result<(), tonic::Status> {
-    let header = WriteFileHeader { path: path.to_owned(), mode, owner: String::new(), create_parents: true };
-    let messages = vec![
-        WriteFileInput { kind: Some(write_file_input::Kind::Header(header)) },
-        WriteFileInput { kind: Some(write_file_input::Kind::Data(data.to_vec())) },
-    ];
-    guest.raw().write_file(tokio_stream::iter(messages)).await?;
-    Ok(())
 }
 
 /// How a failed token exchange reads to whoever asked for the sandbox.

@@ -495,7 +495,7 @@ impl Manager {
                 .map_err(|why| with_console_tail(&spec, format!("sandbox {} did not become healthy: {why}", rec.id)))?;
             if !rec.env.is_empty() {
                 let env = rec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                guest.set_env(env).await.map_err(ApiError::from_guest)?;
+                guest.set_env(env, false).await.map_err(ApiError::from_guest)?;
             }
             Ok::<_, ApiError>(())
         };
@@ -527,6 +527,17 @@ impl Manager {
             let pushed = self.push_credentials(id, &live.guest, first).await;
             live.credentials.record(id, &pushed, first);
         }
+        self.watch(id, live, from).await
+    }
+
+    /// `go_live` for a VM found running after a restart: its credentials are delivered by the
+    /// refresher within a second, not awaited here, so no guest can hold up start-up.
+    async fn go_live_later(self: &Arc<Self>, id: &str, live: Arc<Live>, from: State) -> Result<(), ApiError> {
+        live.credentials.due_now();
+        self.watch(id, live, from).await
+    }
+
+    async fn watch(self: &Arc<Self>, id: &str, live: Arc<Live>, from: State) -> Result<(), ApiError> {
         self.live.lock().expect("live table poisoned").insert(id.to_owned(), live.clone());
         self.store.transition(id, &[from], State::Running, None).await?;
         tokio::spawn(self.clone().monitor(id.to_owned(), live));

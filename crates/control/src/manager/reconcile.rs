@@ -13,6 +13,12 @@ use crate::error::ApiError;
 use crate::model::State;
 use crate::store::Record;
 
+enum Outcome {
+    Adopted,
+    Paused,
+    Failed(String),
+}
+
 /// What `reconcile` found at start-up.
 #[derive(Debug, Default, PartialEq)]
 pub struct Reconciled {
@@ -29,59 +35,14 @@ impl Manager {
     pub async fn reconcile(self: &Arc<Self>) -> Result<Reconciled, ApiError> {
         let mut report = Reconciled::default();
         let records = self.store.list().await?;
-        for rec in &records {
-            let net = self.net_for(rec);
-            let dir = self.run_dir(&rec.id);
-            let outcome = match rec.state {
-                State::Running => self.adopt(rec, &net, false).await.map(|_| State::Running),
-                // Cut short mid-pause: a sealed snapshot wins (finish the pause); otherwise the
-                // guest is only stopped, so let it run on.
-                State::Pausing if snapshot::exists(&dir) => {
-                    self.kill_stale(rec).await;
-                    Ok(State::Paused)
-                }
-                State::Pausing => self.adopt(rec, &net, true).await.map(|_| State::Running),
-                // Cut short mid-resume: an unused snapshot means the guest never ran from it.
-                State::Resuming if snapshot::exists(&dir) => {
-                    self.kill_stale(rec).await;
-                    Ok(State::Paused)
-                }
-                State::Resuming => self.adopt(rec, &net, true).await.map(|_| State::Running),
-                State::Creating => Err("the daemon stopped while the sandbox was being created".to_owned()),
-                State::Stopping => {
-                    self.kill_leftovers(rec, &net).await;
-                    self.finish_stop(&rec.id).await?;
-                    continue;
-                }
-                State::Paused => {
-                    // No VM may run for a paused sandbox; its namespace stays for the resume.
-                    self.kill_stale(rec).await;
-                    continue;
-                }
-                State::Stopped | State::Failed => {
-                    let _ = net.teardown().await;
-                    continue;
-                }
-            };
-            match outcome {
-                Ok(State::Running) => report.adopted.push(rec.id.clone()),
-                Ok(_) => {
-                    self.store.set_pid(&rec.id, None).await?;
-                    self.store.set_paused_bytes(&rec.id, super::suspend::dir_bytes_on_disk(&dir)).await?;
-                    self.store.transition(&rec.id, &[rec.state], State::Paused, None).await?;
-                    report.paused.push(rec.id.clone());
-                }
-                Err(why) => {
-                    let reason = if rec.state == State::Creating {
-                        why
-                    } else {
-                        format!("could not adopt the VM after a daemon restart ({} when it stopped): {why}", rec.state)
-                    };
-                    tracing::warn!(id = %rec.id, %reason);
-                    self.kill_leftovers(rec, &net).await;
-                    self.store.transition(&rec.id, &[rec.state], State::Failed, Some(&reason)).await?;
-                    report.failed.push((rec.id.clone(), reason));
-                }
+        // Side by side: each sandbox's steps have deadlines, and no guest's may add to another's.
+        let outcomes = futures::future::join_all(records.iter().map(|rec| self.reconcile_one(rec))).await;
+        for (rec, outcome) in records.iter().zip(outcomes) {
+            match outcome? {
+                Some(Outcome::Adopted) => report.adopted.push(rec.id.clone()),
+                Some(Outcome::Paused) => report.paused.push(rec.id.clone()),
+                Some(Outcome::Failed(reason)) => report.failed.push((rec.id.clone(), reason)),
+                None => {}
             }
         }
         report.orphans = self.remove_orphans(&records).await;
@@ -97,6 +58,63 @@ impl Manager {
             }
         }
         Ok(report)
+    }
+
+    /// Brings one sandbox into agreement with the host; `None` when nothing was to be done.
+    async fn reconcile_one(self: &Arc<Self>, rec: &Record) -> Result<Option<Outcome>, ApiError> {
+        let net = self.net_for(rec);
+        let dir = self.run_dir(&rec.id);
+        let outcome = match rec.state {
+            State::Running => self.adopt(rec, &net, false).await.map(|_| State::Running),
+            // Cut short mid-pause: a sealed snapshot wins (finish the pause); otherwise the guest
+            // is only stopped, so let it run on.
+            State::Pausing if snapshot::exists(&dir) => {
+                self.kill_stale(rec).await;
+                Ok(State::Paused)
+            }
+            State::Pausing => self.adopt(rec, &net, true).await.map(|_| State::Running),
+            // Cut short mid-resume: an unused snapshot means the guest never ran from it.
+            State::Resuming if snapshot::exists(&dir) => {
+                self.kill_stale(rec).await;
+                Ok(State::Paused)
+            }
+            State::Resuming => self.adopt(rec, &net, true).await.map(|_| State::Running),
+            State::Creating => Err("the daemon stopped while the sandbox was being created".to_owned()),
+            State::Stopping => {
+                self.kill_leftovers(rec, &net).await;
+                self.finish_stop(&rec.id).await?;
+                return Ok(None);
+            }
+            State::Paused => {
+                // No VM may run for a paused sandbox; its namespace stays for the resume.
+                self.kill_stale(rec).await;
+                return Ok(None);
+            }
+            State::Stopped | State::Failed => {
+                let _ = net.teardown().await;
+                return Ok(None);
+            }
+        };
+        Ok(Some(match outcome {
+            Ok(State::Running) => Outcome::Adopted,
+            Ok(_) => {
+                self.store.set_pid(&rec.id, None).await?;
+                self.store.set_paused_bytes(&rec.id, super::suspend::dir_bytes_on_disk(&dir)).await?;
+                self.store.transition(&rec.id, &[rec.state], State::Paused, None).await?;
+                Outcome::Paused
+            }
+            Err(why) => {
+                let reason = if rec.state == State::Creating {
+                    why
+                } else {
+                    format!("could not adopt the VM after a daemon restart ({} when it stopped): {why}", rec.state)
+                };
+                tracing::warn!(id = %rec.id, %reason);
+                self.kill_leftovers(rec, &net).await;
+                self.store.transition(&rec.id, &[rec.state], State::Failed, Some(&reason)).await?;
+                Outcome::Failed(reason)
+            }
+        }))
     }
 
     /// Takes over a VM an earlier daemon started. `may_be_stopped`: its CPUs may be stopped by a
@@ -120,7 +138,7 @@ impl Manager {
             let _ = guest.sync_clock().await;
             let _ = self.store.count_resume(&rec.id).await;
         }
-        self.go_live(&rec.id, Live::new(vm, net.clone(), guest, rec), rec.state).await.map_err(|e| e.message)?;
+        self.go_live_later(&rec.id, Live::new(vm, net.clone(), guest, rec), rec.state).await.map_err(|e| e.message)?;
         tracing::info!(id = %rec.id, pid, "adopted running sandbox");
         Ok(())
     }

@@ -260,7 +260,7 @@ impl Manager {
             tracing::debug!(id = %rec.id, restored_ms, answered_ms, identity_ms, reconnected_ms = t0.elapsed().as_millis() as u64, "clone ready");
             if !rec.env.is_empty() {
                 let env = rec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                guest.set_env(env).await.map_err(ApiError::from_guest)?;
+                guest.set_env(env, false).await.map_err(ApiError::from_guest)?;
             }
             Ok::<_, ApiError>(guest)
         };
