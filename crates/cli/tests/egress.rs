@@ -329,3 +329,86 @@ async fn bad_policies_are_refused_with_a_clear_error() {
     let (status, _) = d.call(Method::PUT, "/v1/sandboxes/sb-aaaaaaaaaa/network", Some(json!({ "mode": "open" }))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+/// Opens connections from the guest as fast as it can and holds them: prints how many were
+/// established and how many refused. `host port seconds pace_ms`.
+const FLOOD: &str = r#"
+import socket, sys, time
+host, port, seconds, pace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]) / 1000
+held, refused, other = [], 0, 0
+end = time.time() + seconds
+while time.time() < end:
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        held.append(s)
+    except ConnectionRefusedError:
+        refused += 1
+        s.close()
+    except OSError:
+        other += 1
+        s.close()
+    time.sleep(pace)
+if len(sys.argv) > 5:
+    time.sleep(float(sys.argv[5]))
+    # How many the far end has closed meanwhile (idle ones past its timeout).
+    closed = 0
+    for s in held:
+        s.setblocking(False)
+        try:
+            closed += s.recv(1) == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    print("closed=%d" % closed)
+print("held=%d refused=%d other=%d" % (len(held), refused, other))
+"#;
+
+fn counts(out: &str) -> (u64, u64) {
+    let field = |key: &str| -> u64 {
+        out.split_whitespace().find_map(|w| w.strip_prefix(key)?.parse().ok()).unwrap_or_else(|| panic!("{out}"))
+    };
+    (field("held="), field("refused="))
+}
+
+/// A guest opening connections without end: to its API endpoint and resolver (descriptors in
+/// the daemon) and out through its egress (entries in the conntrack tables). Each is capped in
+/// the kernel; the daemon keeps answering and other sandboxes keep working.
+#[tokio::test]
+async fn connection_floods_from_a_guest_are_capped() {
+    let d = lab_daemon().await;
+    let lab = d.internet.as_ref().unwrap();
+    let target = lab.addr(10);
+    let flood = d.create(json!({ "network": { "mode": "open" }, "idle_timeout_secs": 0 })).await;
+    let other = d.create(json!({ "idle_timeout_secs": 0 })).await;
+    let (id, other) = (flood["id"].as_str().unwrap().to_owned(), other["id"].as_str().unwrap().to_owned());
+    let upload = d.request(Method::PUT, &format!("/v1/sandboxes/{id}/files?path=/tmp/flood.py")).body(FLOOD);
+    assert!(upload.send().await.unwrap().status().is_success());
+
+    // Its API endpoint: at most 64 held, the rest reset; idle ones closed by the daemon.
+    let (code, out) = sh(&d, &id, "python3 /tmp/flood.py 192.168.240.1 7070 4 0 14").await;
+    assert_eq!(code, 0, "{out}");
+    let (held, refused) = counts(&out);
+    assert!(held <= 64 && refused > 0, "guest API connections: {out}");
+    assert!(out.contains(&format!("closed={held}")), "idle connections must be closed by the daemon: {out}");
+    let health = reqwest::get(format!("{}/v1/health", d.url)).await.unwrap();
+    assert!(health.status().is_success());
+    let (code, out) = sh(&d, &other, "curl -s -o /dev/null -w '%{http_code}' $TORPOR_URL/v1/health").await;
+    assert_eq!((code, out.as_str()), (0, "200"), "another sandbox's API");
+
+    // Its resolver over TCP: at most 16.
+    let (code, out) = sh(&d, &id, "python3 /tmp/flood.py 192.168.240.1 53 3 0").await;
+    assert_eq!(code, 0, "{out}");
+    let (held, refused) = counts(&out);
+    assert!(held <= 16 && refused > 0, "resolver connections: {out}");
+
+    // Out through its egress: a burst of 500, then 50 a second, never more than 1024 open.
+    let (code, out) = sh(&d, &id, &format!("ulimit -n 8192; python3 /tmp/flood.py {target} 7 30 5")).await;
+    assert_eq!(code, 0, "{out}");
+    let (held, refused) = counts(&out);
+    assert!(held <= 1024 && refused > 0, "egress connections: {out}");
+    let (code, _) = sh(&d, &other, "true").await;
+    assert_eq!(code, 0);
+}

@@ -8,7 +8,9 @@
 //! routes do not exist on this listener, whatever token is presented.
 //!
 //! Everything the guest sends is bounded before any work is done for it: connections per
-//! sandbox, time to send a request head, concurrent HTTP/2 streams, and body sizes.
+//! sandbox, time to send a request head (from the first byte of a connection, and between
+//! requests on a kept-alive one), and body sizes. Only HTTP/1.1 is served: what guests use
+//! (SDKs, curl), and no streams multiplexed past the connection cap.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,13 +32,12 @@ use crate::model::{NetworkStatus, Sandbox, Usage};
 #[derive(Clone)]
 pub struct FromSandbox(pub String);
 
-/// Connections one sandbox may hold open to its endpoint; more are closed as they arrive.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections one sandbox may hold open to its endpoint; more are closed as they arrive (the
+/// namespace's firewall resets them before that, see `torpor_net`; this is the second line).
+pub const MAX_CONNECTIONS: usize = torpor_net::GUEST_API_CONNECTIONS;
 /// A connection that has not sent a whole request head within this is closed (idle keep-alive
 /// connections too: the next head is awaited just the same).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent HTTP/2 streams on one connection.
-const MAX_STREAMS: u32 = 16;
 /// Bodies of the sandbox's own routes (all reads); the model proxy sets its own limit.
 const MAX_BODY: usize = 64 << 10;
 
@@ -143,17 +144,11 @@ async fn jwks(State(manager): State<Arc<Manager>>) -> Json<jsonwebtoken::jwk::Jw
 /// Serves `router` to sandbox `id` on `listener` until `stop`; open connections are then shut
 /// down gracefully. At most `MAX_CONNECTIONS` at once: further ones are closed on accept.
 pub async fn serve(listener: tokio::net::TcpListener, router: Router, id: String, stop: CancellationToken) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let router = router.layer(Extension(FromSandbox(id.clone())));
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS)
-        .keep_alive_interval(HEADER_TIMEOUT)
-        .keep_alive_timeout(HEADER_TIMEOUT);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).keep_alive(true);
     let builder = Arc::new(builder);
     loop {
         let (stream, peer) = tokio::select! {
@@ -178,7 +173,7 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, id: String
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

@@ -35,6 +35,7 @@ pub async fn run(
     if !nix::unistd::Uid::effective().is_root() {
         return Err(ServerError::NotRoot);
     }
+    raise_fd_limit();
     // Everything the daemon creates (disks, snapshots, logs, keys) is private unless made
     // otherwise on purpose.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -102,4 +103,20 @@ pub async fn run(
     // Client addresses feed the rate limit on failed authentications.
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)
+}
+
+/// Each sandbox holds descriptors in the daemon (its API and resolver sockets, their
+/// connections, its console, its supervisor connection): the soft limit a shell starts us with
+/// (often 1024) would cap a host at a couple of hundred sandboxes. Raised to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }

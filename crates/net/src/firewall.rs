@@ -21,6 +21,17 @@ const TABLE: &str = "inet torpor_filter";
 /// Most addresses one sandbox may have resolved at once; a full set makes the resolver answer
 /// SERVFAIL rather than let the daemon's memory grow without bound.
 pub(crate) const RESOLVED_SET_SIZE: usize = 16384;
+/// Connections a guest may hold open to its API endpoint, and to its resolver over TCP: each
+/// is a descriptor in the daemon. Further ones are reset by the kernel before the daemon
+/// accepts anything.
+pub const GUEST_API_CONNECTIONS: usize = 64;
+pub const DNS_TCP_CONNECTIONS: usize = 16;
+/// Connections a guest may have open through its egress at once (each is tracked in the
+/// sandbox's namespace and, masqueraded, in the host's, whose table all sandboxes share), and
+/// how many it may open per second (closed ones linger in the host's table for minutes).
+pub const EGRESS_FLOWS: usize = 1024;
+pub const EGRESS_FLOWS_PER_SEC: u32 = 50;
+const EGRESS_FLOWS_BURST: u32 = 500;
 
 /// The namespace's whole firewall, with an empty egress chain (nothing leaves) until a policy is
 /// applied; applying one fills the blocked set in the same transaction. The host reaches the
@@ -55,6 +66,8 @@ table {TABLE} {{
     iifname "{TAP}" ip saddr != {GUEST_IP} drop
     ct state established,related accept
     iifname "{NS_VETH}" oifname "{TAP}" ip daddr {GUEST_IP} tcp dport {SUPERVISOR_PORT} ct state new accept
+    iifname "{TAP}" oifname "{NS_VETH}" ct state new ct count over {EGRESS_FLOWS} goto deny
+    iifname "{TAP}" oifname "{NS_VETH}" ct state new limit rate over {EGRESS_FLOWS_PER_SEC}/second burst {EGRESS_FLOWS_BURST} packets goto deny
     iifname "{TAP}" oifname "{NS_VETH}" ct state new jump egress
     iifname "{TAP}" goto deny
   }}
@@ -64,6 +77,8 @@ table {TABLE} {{
     iifname "{TAP}" ip saddr != {GUEST_IP} drop
     ct state established,related accept
     iifname "lo" accept
+    iifname "{TAP}" tcp dport 53 ct state new ct count over {DNS_TCP_CONNECTIONS} reject with tcp reset
+    iifname "{TAP}" tcp dport {GUEST_API_PORT} ct state new ct count over {GUEST_API_CONNECTIONS} reject with tcp reset
     iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GUEST_GATEWAY} meta l4proto {{ tcp, udp }} th dport 53 accept
     iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GUEST_GATEWAY} tcp dport {GUEST_API_PORT} accept
     iifname "{TAP}" goto deny

@@ -18,6 +18,7 @@ mod policy;
 pub use addr::{AddressPool, PoolError};
 pub use cmd::with_netns;
 pub use egress::{PolicyChange, ResolvedAddress, SandboxEgress, Upstream};
+pub use firewall::{DNS_TCP_CONNECTIONS, EGRESS_FLOWS, EGRESS_FLOWS_PER_SEC, GUEST_API_CONNECTIONS};
 pub use host::HostRouting;
 pub use policy::{Blocklist, CidrRule, DomainPattern, EgressMode, EgressPolicy, Ipv4Net, PolicyError};
 
