@@ -7,7 +7,7 @@
 //! and adds every IPv4 address it answers to the sandbox's `resolved` set for the record's TTL
 //! *before* the answer leaves, so the connection that follows finds its address allowed.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +25,7 @@ use torpor_proto::GUEST_GATEWAY;
 use crate::cmd::with_netns;
 use crate::firewall;
 use crate::policy::{Blocklist, EgressMode, EgressPolicy, Ipv4Net};
+use crate::resolved::Resolved;
 use crate::NetError;
 
 /// Added to every record's TTL: the guest connects a moment after the answer arrives, and a TTL
@@ -79,20 +80,9 @@ pub struct ResolvedAddress {
     pub expires_in: Duration,
 }
 
-struct Entry {
-    names: BTreeSet<String>,
-    expires: Instant,
-}
-
 struct State {
     policy: EgressPolicy,
-    resolved: HashMap<Ipv4Addr, Entry>,
-}
-
-impl State {
-    fn live(&self, now: Instant) -> impl Iterator<Item = (&Ipv4Addr, &Entry)> {
-        self.resolved.iter().filter(move |(_, e)| e.expires > now)
-    }
+    resolved: Resolved,
 }
 
 struct Inner {
@@ -128,11 +118,8 @@ impl SandboxEgress {
         // After a daemon restart the set still holds what the old resolver answered (for which
         // names is lost: a policy change drops those addresses).
         let now = Instant::now();
-        let resolved = firewall::list_resolved(netns)
-            .await?
-            .into_iter()
-            .map(|(ip, left)| (ip, Entry { names: BTreeSet::new(), expires: now + left }))
-            .collect();
+        let mut resolved = Resolved::new(MAX_REMEMBERED, now);
+        resolved.restore(firewall::list_resolved(netns).await?, now);
         let inner = Arc::new(Inner {
             netns: netns.to_owned(),
             pool,
@@ -163,6 +150,7 @@ impl SandboxEgress {
         let mut state = inner.state.lock().await;
         let now = Instant::now();
         let keep: Vec<(Ipv4Addr, Duration)> = state
+            .resolved
             .live(now)
             .filter(|(_, e)| e.names.iter().any(|n| policy.allows_name(n)))
             .map(|(ip, e)| (*ip, e.expires - now))
@@ -179,9 +167,7 @@ impl SandboxEgress {
             return Err(e);
         }
         state.resolved.retain(|ip, _| keep.iter().any(|(k, _)| k == ip));
-        for entry in state.resolved.values_mut() {
-            entry.names.retain(|n| policy.allows_name(n));
-        }
+        state.resolved.retain_names(|n| policy.allows_name(n));
         state.policy = policy;
         let kept: HashSet<Ipv4Addr> = keep.iter().map(|(ip, _)| *ip).collect();
         // The policy is in force either way; failing to cut is reported, not fatal.
@@ -204,8 +190,13 @@ impl SandboxEgress {
         let state = self.inner.state.lock().await;
         let now = Instant::now();
         let mut list: Vec<ResolvedAddress> = state
+            .resolved
             .live(now)
-            .map(|(ip, e)| ResolvedAddress { addr: *ip, names: e.names.clone(), expires_in: e.expires - now })
+            .map(|(ip, e)| ResolvedAddress {
+                addr: *ip,
+                names: e.names.iter().cloned().collect(),
+                expires_in: e.expires - now,
+            })
             .collect();
         list.sort_by_key(|r| r.expires_in);
         list
@@ -274,40 +265,25 @@ impl Inner {
             return Answer::Code(ResponseCode::NXDomain);
         }
         let now = Instant::now();
-        let (mut fresh, mut refresh) = (Vec::new(), Vec::new());
-        for &(ip, ttl) in &addrs {
-            match state.resolved.get(&ip) {
-                None => fresh.push((ip, ttl)),
-                // The kernel may still hold it (expired or not), and a plain add would keep its
-                // old timeout. A second of slack absorbs rounding.
-                Some(e) if e.expires + Duration::from_secs(1) < now + ttl => refresh.push((ip, ttl)),
-                Some(_) => {}
-            }
-        }
+        let (fresh, mut refresh) = state.resolved.changes(&addrs, now);
         // Only an allowlist consults the set; under open the addresses are remembered anyway,
         // so a later switch to an allowlist keeps the names it still allows.
-        if state.policy.mode == EgressMode::Allowlist {
+        if state.policy.mode == EgressMode::Allowlist && !(fresh.is_empty() && refresh.is_empty()) {
+            // Each update is a process on the host: a guest asking for names without end gets
+            // them at a metered pace. Addresses still allowed a while are answered meanwhile.
+            if !state.resolved.may_update(now) {
+                if !fresh.is_empty() || refresh.iter().any(|(ip, _)| !state.resolved.still_allowed(ip, now)) {
+                    return Answer::Code(ResponseCode::ServFail);
+                }
+                refresh.clear();
+            }
             if let Err(e) = firewall::add_resolved(&self.netns, &fresh, &refresh).await {
                 tracing::warn!(netns = %self.netns, qname, error = %e, "cannot allow resolved addresses");
                 return Answer::Code(ResponseCode::ServFail);
             }
         }
         for (ip, ttl) in addrs {
-            let entry = state.resolved.entry(ip).or_insert_with(|| Entry { names: BTreeSet::new(), expires: now });
-            entry.names.insert(qname.to_owned());
-            entry.expires = entry.expires.max(now + ttl);
-        }
-        if state.resolved.len() > MAX_REMEMBERED {
-            state.resolved.retain(|_, e| e.expires > now);
-            let excess = state.resolved.len().saturating_sub(MAX_REMEMBERED);
-            if excess > 0 {
-                let mut by_expiry: Vec<(Instant, Ipv4Addr)> =
-                    state.resolved.iter().map(|(ip, e)| (e.expires, *ip)).collect();
-                by_expiry.sort();
-                for (_, ip) in by_expiry.into_iter().take(excess) {
-                    state.resolved.remove(&ip);
-                }
-            }
+            state.resolved.remember(ip, ttl, qname, now);
         }
         Answer::Records(records)
     }

@@ -14,6 +14,7 @@ mod egress;
 mod firewall;
 mod host;
 mod policy;
+mod resolved;
 
 pub use addr::{AddressPool, PoolError};
 pub use cmd::with_netns;
