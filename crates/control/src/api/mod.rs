@@ -222,4 +222,4 @@ pub(crate) fn json_body<T>(body: Result<Json<T>, axum::extract::rejection::JsonR
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

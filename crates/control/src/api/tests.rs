@@ -14,13 +14,19 @@ const METHODS: [Method; 5] = [Method::GET, Method::POST, Method::PUT, Method::DE
 /// A daemon's state without an engine: enough for routing and authentication, which is all
 /// these tests reach.
 pub(crate) async fn state() -> (AppState, tempfile::TempDir) {
+    state_with(|_| {}).await
+}
+
+/// The same, with the configuration changed by `edit` first.
+pub(crate) async fn state_with(edit: impl FnOnce(&mut crate::config::Config)) -> (AppState, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = crate::config::Config {
+    let mut cfg = crate::config::Config {
         data_dir: dir.path().to_path_buf(),
         image_dir: dir.path().join("images"),
         dns_upstreams: vec!["127.0.0.1".parse().unwrap()],
         ..Default::default()
     };
+    edit(&mut cfg);
     let store = crate::store::Store::open(&dir.path().join("torpor.db")).await.unwrap();
     let manager = Manager::new(Arc::new(cfg), store, Err("no engine in unit tests".into())).unwrap();
     let relay = crate::relay::Relay::new(manager.clone());

@@ -666,6 +666,7 @@ impl Manager {
         }
         self.store.delete(id).await?;
         self.forget_credentials(id);
+        self.proxy.forget(id);
         self.op_locks.lock().expect("lock table poisoned").remove(id);
         self.parked_clients.lock().expect("client table poisoned").remove(id);
         Ok(())

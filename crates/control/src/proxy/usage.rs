@@ -12,6 +12,8 @@ pub struct Tally {
     /// Streamed pieces of output seen: each is at least one token, so a stream cut short
     /// before its usage event still counts at least this many.
     pub deltas: u64,
+    /// The answer reported its usage (else the proxy books an estimate).
+    pub usage_seen: bool,
 }
 
 fn field(v: &Value, name: &str) -> u64 {
@@ -36,6 +38,7 @@ impl Tally {
             _ => v.get("usage"),
         };
         let Some(usage) = usage.filter(|u| u.is_object()) else { return };
+        self.usage_seen = true;
         // Anthropic counts cached prompt tokens apart from `input_tokens`; OpenAI includes them.
         let input = field(usage, "input_tokens")
             + field(usage, "cache_creation_input_tokens")
@@ -47,15 +50,23 @@ impl Tally {
     }
 }
 
-/// Largest non-streamed answer whose usage is read; anything longer is passed on uncounted.
+/// Largest non-streamed answer whose usage is read; a longer one is estimated from its size.
 const MAX_BODY: usize = 16 << 20;
 /// Longest SSE line kept while waiting for its end.
 const MAX_LINE: usize = 4 << 20;
 
 /// Watches the bytes of one answer go by.
 pub enum Scanner {
-    Sse { line: Vec<u8>, tally: Tally },
-    Json { body: Vec<u8>, overflow: bool },
+    Sse {
+        line: Vec<u8>,
+        tally: Tally,
+    },
+    /// `total`: bytes seen, for the estimate when the body is too large to keep.
+    Json {
+        body: Vec<u8>,
+        overflow: bool,
+        total: u64,
+    },
 }
 
 impl Scanner {
@@ -63,7 +74,7 @@ impl Scanner {
         if content_type.starts_with("text/event-stream") {
             Self::Sse { line: Vec::new(), tally: Tally::default() }
         } else {
-            Self::Json { body: Vec::new(), overflow: false }
+            Self::Json { body: Vec::new(), overflow: false, total: 0 }
         }
     }
 
@@ -79,7 +90,8 @@ impl Scanner {
                     }
                 }
             }
-            Self::Json { body, overflow } => {
+            Self::Json { body, overflow, total } => {
+                *total += chunk.len() as u64;
                 if body.len() + chunk.len() > MAX_BODY {
                     *overflow = true;
                     body.clear();
@@ -99,12 +111,13 @@ impl Scanner {
                 tally.output_tokens = tally.output_tokens.max(tally.deltas);
                 tally
             }
-            Self::Json { body, overflow } => {
+            Self::Json { body, overflow, total } => {
                 let mut tally = Tally::default();
-                if !overflow {
-                    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-                        tally.observe(&v);
-                    }
+                if overflow {
+                    // Mostly text: about four bytes a token.
+                    tally.output_tokens = total / 4;
+                } else if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                    tally.observe(&v);
                 }
                 tally
             }
@@ -137,7 +150,10 @@ mod tests {
     #[test]
     fn anthropic_answers_whole_and_streamed() {
         let whole = r#"{"type":"message","usage":{"input_tokens":12,"cache_read_input_tokens":3,"output_tokens":7}}"#;
-        assert_eq!(scan("application/json", &[whole]), Tally { input_tokens: 15, output_tokens: 7, deltas: 0 });
+        assert_eq!(
+            scan("application/json", &[whole]),
+            Tally { input_tokens: 15, output_tokens: 7, deltas: 0, usage_seen: true }
+        );
         // Split mid-line and mid-event, as the network may deliver it.
         let stream = [
             "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
@@ -147,24 +163,52 @@ mod tests {
         ];
         assert_eq!(
             scan("text/event-stream; charset=utf-8", &stream),
-            Tally { input_tokens: 25, output_tokens: 15, deltas: 1 }
+            Tally { input_tokens: 25, output_tokens: 15, deltas: 1, usage_seen: true }
         );
         // Cut short before the usage event: one token per piece received.
-        assert_eq!(scan("text/event-stream", &stream[..2]), Tally { input_tokens: 25, output_tokens: 1, deltas: 1 });
+        assert_eq!(
+            scan("text/event-stream", &stream[..2]),
+            Tally { input_tokens: 25, output_tokens: 1, deltas: 1, usage_seen: true }
+        );
     }
 
     #[test]
     fn openai_chat_and_responses() {
         let whole =
             r#"{"object":"chat.completion","usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}"#;
-        assert_eq!(scan("application/json", &[whole]), Tally { input_tokens: 9, output_tokens: 4, deltas: 0 });
+        assert_eq!(
+            scan("application/json", &[whole]),
+            Tally { input_tokens: 9, output_tokens: 4, deltas: 0, usage_seen: true }
+        );
         let chat = [
             "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":null}\n\n",
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
         ];
-        assert_eq!(scan("text/event-stream", &chat), Tally { input_tokens: 11, output_tokens: 2, deltas: 1 });
+        assert_eq!(
+            scan("text/event-stream", &chat),
+            Tally { input_tokens: 11, output_tokens: 2, deltas: 1, usage_seen: true }
+        );
         let responses = ["event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":30,\"output_tokens\":8}}}"];
-        assert_eq!(scan("text/event-stream", &responses), Tally { input_tokens: 30, output_tokens: 8, deltas: 0 });
+        assert_eq!(
+            scan("text/event-stream", &responses),
+            Tally { input_tokens: 30, output_tokens: 8, deltas: 0, usage_seen: true }
+        );
+    }
+
+    #[test]
+    fn answers_without_usage_are_estimated() {
+        // An OpenAI chat stream cut before its usage event: its deltas, and no usage seen (the
+        // proxy then books its estimate of the prompt).
+        let cut = scan("text/event-stream", &["data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n"]);
+        assert_eq!(cut, Tally { input_tokens: 0, output_tokens: 1, deltas: 1, usage_seen: false });
+        // A JSON answer past what is read: estimated from its size.
+        let mut s = Scanner::new("application/json");
+        let chunk = vec![b' '; 1 << 20];
+        for _ in 0..17 {
+            s.feed(&chunk);
+        }
+        let big = s.finish();
+        assert!(!big.usage_seen && big.output_tokens >= (17 << 20) / 4, "{big:?}");
     }
 
     #[test]

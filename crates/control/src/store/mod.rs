@@ -456,11 +456,17 @@ fn optional_time(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<Date
         .transpose()
 }
 
+/// A plausible record, for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_record(id: &str) -> Record {
+    tests::record(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record(id: &str) -> Record {
+    pub(super) fn record(id: &str) -> Record {
         Record {
             id: id.into(),
             state: State::Creating,
