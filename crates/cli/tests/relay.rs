@@ -448,3 +448,68 @@ async fn a_message_taken_before_the_daemon_stopped_is_answered_after_it_starts()
     assert_eq!(streamed.len(), 1, "one message, edited: {streamed:?}");
     assert!(streamed[0].edits >= 1, "the reply was not edited as it grew: {streamed:?}");
 }
+
+/// A hostile or stuck agent, and many first messages at once: each bounded, none spilling over.
+#[tokio::test]
+async fn hung_agents_and_bursts_of_conversations_are_bounded() {
+    let d =
+        Daemon::start_with(Options { extra_config: "agent_timeout_secs = 10\n".into(), ..Default::default() }).await;
+    let host = d.create(json!({ "idle_timeout_secs": 0 })).await;
+    let host = host["id"].as_str().unwrap().to_owned();
+
+    // An agent that never answers: the message ends with an error after the deadline.
+    let hang = json!({"adapter": "command", "command": ["sh", "-c", "read line; sleep 1000"]});
+    create_channel(&d, json!({"name": "hang", "kind": "http", "sandbox": host, "agent": hang})).await;
+    let (status, events) = send(&d, "hang", json!({"text": "anyone?"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let last = events.last().unwrap();
+    assert_eq!(last.0, "error", "{events:?}");
+    assert!(last.1["message"].as_str().unwrap().contains("did not finish within 10 s"), "{events:?}");
+
+    // Its conversation fills with waiting messages: past 20 it is refused, and other channels
+    // are not affected.
+    let mut waiting = Vec::new();
+    for i in 0..20 {
+        let req = d.request(Method::POST, "/v1/channels/hang/messages").json(&json!({"text": format!("m{i}")}));
+        waiting.push(tokio::spawn(req.send()));
+    }
+    // Taken (the reply's headers are sent once a message is queued); the next is over the cap
+    // while the first still waits on its agent.
+    wait_until_taken(&mut waiting).await;
+    let (status, body) = send(&d, "hang", json!({"text": "one more"})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body:?}");
+    create_channel(&d, json!({"name": "echo", "kind": "http", "sandbox": host, "agent": {"adapter": "echo"}})).await;
+    let (status, events) = send(&d, "echo", json!({"text": "hi"})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(done(&events)["text"], "echo: hi");
+
+    // Five first messages at once to a channel allowed two conversations: exactly two
+    // sandboxes are made, the others are told why.
+    create_channel(
+        &d,
+        json!({"name": "two", "kind": "http", "agent": {"adapter": "echo"}, "max_conversations": 2, "idle_timeout_secs": 0}),
+    )
+    .await;
+    let before = d.list_ids().await.len();
+    let sends: Vec<_> =
+        (0..5).map(|i| send(&d, "two", json!({"conversation": format!("c{i}"), "text": "x"}))).collect();
+    let results = futures::future::join_all(sends).await;
+    let answered = results.iter().filter(|(_, events)| events.last().is_some_and(|e| e.0 == "done")).count();
+    let refused = results
+        .iter()
+        .filter(|(_, events)| {
+            events.last().is_some_and(|e| e.1.to_string().contains("already has its 2 conversations"))
+        })
+        .count();
+    assert_eq!((answered, refused), (2, 3), "{results:?}");
+    assert_eq!(d.list_ids().await.len(), before + 2);
+}
+
+/// Until every message sent is taken: an HTTP channel answers with its headers once a message
+/// is queued. The replies are then dropped (their clients went away).
+async fn wait_until_taken(sent: &mut [tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>]) {
+    for task in sent.iter_mut() {
+        let resp = tokio::time::timeout(Duration::from_secs(60), task).await.expect("a message was not taken");
+        assert_eq!(resp.unwrap().unwrap().status(), StatusCode::OK);
+    }
+}

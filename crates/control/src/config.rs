@@ -85,6 +85,9 @@ pub struct Config {
     /// Tokens (input + output) a sandbox may spend through the model proxy when neither its
     /// create request nor its template says; 0 = no limit.
     pub default_model_token_budget: u64,
+    /// Longest a relayed message's agent may take to answer; it is then cancelled and the
+    /// conversation gets an error reply (its next message is not held up).
+    pub agent_timeout_secs: u64,
     /// Telegram Bot API root (replies of Telegram channels).
     pub telegram_api_url: String,
     /// Slack Web API root (replies of Slack channels).
@@ -200,6 +203,7 @@ impl Default for Config {
             github: None,
             models: Default::default(),
             default_model_token_budget: 0,
+            agent_timeout_secs: 1800,
             telegram_api_url: "https://api.telegram.org".into(),
             slack_api_url: "https://slack.com/api".into(),
             package_registries: [
@@ -325,6 +329,9 @@ impl Config {
         }
         if !(1..=3600).contains(&self.device_token_ttl_secs) {
             return invalid("device_token_ttl_secs", "must be between 1 and 3600");
+        }
+        if self.agent_timeout_secs == 0 {
+            return invalid("agent_timeout_secs", "must be at least 1");
         }
         if !(1..=1000).contains(&self.vm_io_weight) {
             return invalid("vm_io_weight", "must be between 1 and 1000");

@@ -95,13 +95,71 @@ pub struct Relay {
     manager: Arc<Manager>,
     http: reqwest::Client,
     queues: Mutex<HashMap<(String, String), mpsc::UnboundedSender<Job>>>,
-    /// Messages taken and not yet answered, over every queue.
-    waiting: std::sync::atomic::AtomicUsize,
+    /// Messages taken and not yet answered.
+    waiting: Mutex<Waiting>,
+    /// Per channel: held while a conversation's sandbox is counted, created and bound, so
+    /// first messages arriving together cannot all pass the channel's conversation cap.
+    new_conversations: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// Messages that may wait at once; past that, new ones are refused with 429 (the platforms
-/// deliver them again later).
+/// Messages that may wait at once, in all, per channel and per conversation; past that, new
+/// ones are refused with 429 (the platforms deliver them again later). One slow conversation
+/// fills only its own place.
 const MAX_WAITING: usize = 1000;
+const MAX_WAITING_PER_CHANNEL: usize = 200;
+const MAX_WAITING_PER_CONVERSATION: usize = 20;
+/// An agent's answer: text past this is dropped and the answer ends with an error.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Times a stored message is taken up again after restarts before it is given up on (its
+/// answer may be what ends the daemon).
+const MAX_RECOVERIES: u32 = 3;
+
+#[derive(Default)]
+struct Waiting {
+    total: usize,
+    by_channel: HashMap<String, usize>,
+    by_conversation: HashMap<(String, String), usize>,
+}
+
+impl Waiting {
+    fn full(&self, channel: &str, conversation: &str) -> Option<String> {
+        let in_channel = self.by_channel.get(channel).copied().unwrap_or(0);
+        let in_conversation =
+            self.by_conversation.get(&(channel.to_owned(), conversation.to_owned())).copied().unwrap_or(0);
+        if self.total >= MAX_WAITING {
+            Some(format!("{MAX_WAITING} messages are waiting already"))
+        } else if in_channel >= MAX_WAITING_PER_CHANNEL {
+            Some(format!("{MAX_WAITING_PER_CHANNEL} messages of channel {channel} are waiting already"))
+        } else if in_conversation >= MAX_WAITING_PER_CONVERSATION {
+            Some(format!("{MAX_WAITING_PER_CONVERSATION} messages of this conversation are waiting already"))
+        } else {
+            None
+        }
+    }
+
+    fn add(&mut self, channel: &str, conversation: &str) {
+        self.total += 1;
+        *self.by_channel.entry(channel.to_owned()).or_default() += 1;
+        *self.by_conversation.entry((channel.to_owned(), conversation.to_owned())).or_default() += 1;
+    }
+
+    fn remove(&mut self, channel: &str, conversation: &str) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.by_channel.get_mut(channel) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_channel.remove(channel);
+            }
+        }
+        let key = (channel.to_owned(), conversation.to_owned());
+        if let Some(n) = self.by_conversation.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_conversation.remove(&key);
+            }
+        }
+    }
+}
 /// An HTTP client that reads nothing for this long is dropped: it must not stall the
 /// conversation's queue.
 const HTTP_CLIENT_STALL: Duration = Duration::from_secs(30);
@@ -121,7 +179,13 @@ impl Relay {
             .timeout(Duration::from_secs(30))
             .build()
             .expect("the relay's HTTP client builds");
-        Arc::new(Self { manager, http, queues: Mutex::new(HashMap::new()), waiting: Default::default() })
+        Arc::new(Self {
+            manager,
+            http,
+            queues: Mutex::new(HashMap::new()),
+            waiting: Default::default(),
+            new_conversations: Default::default(),
+        })
     }
 
     pub fn manager(&self) -> &Arc<Manager> {
@@ -137,11 +201,8 @@ impl Relay {
         text: String,
         reply: Reply,
     ) -> Result<Submitted, ApiError> {
-        if self.waiting.load(std::sync::atomic::Ordering::SeqCst) >= MAX_WAITING {
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!("{MAX_WAITING} messages are waiting already; try again later"),
-            ));
+        if let Some(full) = self.waiting.lock().expect("relay counts poisoned").full(&channel.spec.name, conversation) {
+            return Err(ApiError::new(axum::http::StatusCode::TOO_MANY_REQUESTS, format!("{full}; try again later")));
         }
         if let Some(key) = key {
             let (telegram, slack) = match &reply {
@@ -178,7 +239,12 @@ impl Relay {
     pub async fn recover(self: &Arc<Self>) -> Result<usize, ApiError> {
         let store = self.manager.store();
         let mut recovered = 0;
-        for (name, key, stored) in store.pending_deliveries().await? {
+        for (name, key, stored, attempts) in store.pending_deliveries().await? {
+            if attempts >= MAX_RECOVERIES {
+                tracing::error!(channel = %name, %key, attempts, "a message taken up after {attempts} restarts is given up on");
+                store.delivered(&name, &key).await?;
+                continue;
+            }
             let (Some(channel), Ok(job)) = (store.channel(&name).await?, serde_json::from_str::<StoredJob>(&stored))
             else {
                 store.delivered(&name, &key).await?;
@@ -201,7 +267,7 @@ impl Relay {
 
     /// Behind the conversation's earlier messages.
     fn enqueue(self: &Arc<Self>, job: Job) {
-        self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.waiting.lock().expect("relay counts poisoned").add(&job.channel.spec.name, &job.conversation);
         let mut queues = self.queues.lock().expect("relay queues poisoned");
         let queue_key = (job.channel.spec.name.clone(), job.conversation.clone());
         // A queue whose worker has retired hands the job back.
@@ -246,7 +312,7 @@ impl Relay {
 
     async fn handle(&self, job: Job) {
         self.answer(&job).await;
-        self.waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.waiting.lock().expect("relay counts poisoned").remove(&job.channel.spec.name, &job.conversation);
         // Answered, or given up on for good (no way to reply, or the reply kept failing):
         // either way, never delivered again.
         if let Some(key) = &job.key {
@@ -304,15 +370,41 @@ impl Relay {
             conversation: format!("{}/{}", job.channel.spec.name, job.conversation),
             text: job.text.clone(),
         };
-        let mut stream = live
-            .guest
-            .agent()
-            .deliver(request)
+        let conversation = request.conversation.clone();
+        let deadline = Duration::from_secs(self.manager.cfg.agent_timeout_secs);
+        let answered = tokio::time::timeout(deadline, self.follow(&live, request, sink, &sandbox, was_paused, wake_ms));
+        match answered.await {
+            Ok(result) => result,
+            Err(_) => {
+                // The conversation's next message must not find this run still going.
+                let cancel = torpor_proto::supervisor::CancelRequest { conversation };
+                let _ = crate::guest::within(live.guest.agent().cancel(cancel)).await;
+                Err(format!("the agent did not finish within {} s (agent_timeout_secs)", deadline.as_secs()))
+            }
+        }
+    }
+
+    /// Passes the agent's answer on as it comes, within `MAX_ANSWER_BYTES`.
+    async fn follow(
+        &self,
+        live: &crate::manager::Live,
+        request: DeliverRequest,
+        sink: &mut Sink,
+        sandbox: &str,
+        was_paused: bool,
+        wake_ms: u64,
+    ) -> Result<(), String> {
+        let mut stream = crate::guest::within(live.guest.agent().deliver(request))
             .await
             .map_err(|e| format!("the sandbox's agent refused the message: {}", e.message()))?
             .into_inner();
+        let mut bytes = 0usize;
         loop {
             let event = stream.message().await.map_err(|e| format!("the agent's answer broke off: {}", e.message()))?;
+            bytes += event.as_ref().map(prost::Message::encoded_len).unwrap_or(0);
+            if bytes > MAX_ANSWER_BYTES {
+                return Err(format!("the agent's answer passed {} KiB; the rest was dropped", MAX_ANSWER_BYTES >> 10));
+            }
             let Some(kind) = event.and_then(|e| e.kind) else {
                 return Err("the agent ended without an answer".into());
             };
@@ -325,7 +417,7 @@ impl Relay {
                         text: d.text,
                         session: d.session,
                         turn: d.turn,
-                        sandbox: sandbox.clone(),
+                        sandbox: sandbox.to_owned(),
                         woke: was_paused,
                         wake_ms,
                     };
@@ -357,6 +449,14 @@ impl Relay {
         let sandbox = match existing {
             Some(sandbox) => sandbox,
             None => {
+                let lock = self
+                    .new_conversations
+                    .lock()
+                    .expect("relay locks poisoned")
+                    .entry(spec.name.clone())
+                    .or_default()
+                    .clone();
+                let _one_at_a_time = lock.lock().await;
                 let cap = spec.max_conversations.unwrap_or(crate::model::DEFAULT_MAX_CONVERSATIONS);
                 if store.conversations(&spec.name).await.map_err(|e| e.to_string())? >= u64::from(cap) {
                     return Err(format!(

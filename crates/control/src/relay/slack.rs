@@ -58,12 +58,12 @@ impl Sink {
             RelayEvent::Error { message } => format!(":warning: {message}"),
             _ => return,
         };
-        if let Err(e) = self.post(&text).await {
+        if let Err(e) = self.post(cut(&text)).await {
             tracing::error!(channel = %self.channel, error = %e, "replying on Slack failed; given up");
         }
     }
 
-    async fn post(&self, text: &str) -> Result<(), String> {
+    async fn post(&self, text: String) -> Result<(), String> {
         let body = json!({"channel": self.channel, "text": text, "thread_ts": self.thread_ts});
         with_retries("Slack chat.postMessage", || async {
             let response = self
@@ -93,4 +93,17 @@ impl Sink {
         })
         .await
     }
+}
+
+/// Slack refuses messages past 40 000 characters: a longer reply is cut, and says so.
+fn cut(text: &str) -> String {
+    const MAX_BYTES: usize = 39_000;
+    if text.len() <= MAX_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n\n[… the rest of this reply was cut]", &text[..end])
 }

@@ -12,6 +12,9 @@ use crate::model::Channel;
 
 /// Telegram refuses longer messages; a longer reply continues in further messages.
 const MAX_MESSAGE_CHARS: usize = 4096;
+/// The most of a reply kept and sent (16 messages at most); the rest is replaced by a note.
+const MAX_REPLY_BYTES: usize = 64 << 10;
+const CUT_NOTE: &str = "\n\n[… the rest of this reply was cut]";
 const EDIT_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Sink {
@@ -51,7 +54,7 @@ impl Sink {
     pub async fn event(&mut self, event: RelayEvent) {
         let result = match event {
             RelayEvent::Text { text } => {
-                self.text.push_str(&text);
+                self.append(&text);
                 if self.last_edit.is_none_or(|t| t.elapsed() >= EDIT_INTERVAL) {
                     self.show(false).await
                 } else {
@@ -60,7 +63,8 @@ impl Sink {
             }
             RelayEvent::Done { text, .. } => {
                 if !text.trim().is_empty() {
-                    self.text = text;
+                    self.text.clear();
+                    self.append(&text);
                 }
                 if self.text.trim().is_empty() {
                     self.text = "(the agent gave no answer)".into();
@@ -68,13 +72,29 @@ impl Sink {
                 self.show(true).await
             }
             RelayEvent::Error { message } => {
-                self.text = if self.text.is_empty() { message } else { format!("{}\n\n⚠️ {message}", self.text) };
+                let message = if self.text.is_empty() { message } else { format!("\n\n⚠️ {message}") };
+                self.append(&message);
                 self.show(true).await
             }
             RelayEvent::Waking { .. } | RelayEvent::Tool { .. } => Ok(()),
         };
         if let Err(e) = result {
             tracing::error!(chat_id = self.chat_id, error = %e, "replying on Telegram failed; given up");
+        }
+    }
+
+    /// Adds to the reply, within `MAX_REPLY_BYTES`.
+    fn append(&mut self, text: &str) {
+        let room = MAX_REPLY_BYTES.saturating_sub(self.text.len());
+        if text.len() <= room {
+            self.text.push_str(text);
+        } else if !self.text.ends_with(CUT_NOTE) {
+            let mut end = room.saturating_sub(CUT_NOTE.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.text.push_str(&text[..end]);
+            self.text.push_str(CUT_NOTE);
         }
     }
 
@@ -130,5 +150,64 @@ impl Sink {
             Err(Attempt::Fatal(format!("{status}: {description}")))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ChannelKind, CreateChannel, TelegramSecrets};
+
+    /// An agent that streams 100 MB of text and then finishes: the reply kept is bounded, and so
+    /// is the number of messages it becomes.
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_and_sent_in_few_messages() {
+        let telegram = torpor_lab::FakeTelegram::start("1:test").await.unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        let token = secrets.path().join("bot");
+        std::fs::write(&token, "1:test").unwrap();
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let (state, _dir) = crate::api::tests::state_with(|cfg| {
+            cfg.telegram_api_url = telegram.url.clone();
+            cfg.secrets.insert("BOT".into(), crate::config::SecretSource { file: token });
+        })
+        .await;
+        let channel = Channel {
+            spec: CreateChannel {
+                name: "t".into(),
+                kind: ChannelKind::Telegram,
+                sandbox: None,
+                template: None,
+                agent: None,
+                idle_timeout_secs: None,
+                max_conversations: None,
+                telegram: Some(TelegramSecrets {
+                    bot_token: "BOT".into(),
+                    webhook_secret: "HOOK".into(),
+                    allowed_chats: vec![],
+                }),
+                slack: None,
+            },
+            webhook_path: String::new(),
+            created_at: chrono::Utc::now(),
+        };
+        let mut sink = Sink::new(&state.relay, &channel, 7, 1).unwrap();
+        let megabyte = "y".repeat(1 << 20);
+        for _ in 0..100 {
+            sink.event(RelayEvent::Text { text: megabyte.clone() }).await;
+            assert!(sink.text.len() <= MAX_REPLY_BYTES + CUT_NOTE.len());
+        }
+        let done = RelayEvent::Done {
+            text: String::new(),
+            session: "s".into(),
+            turn: 1,
+            sandbox: "x".into(),
+            woke: false,
+            wake_ms: 0,
+        };
+        sink.event(done).await;
+        let messages = telegram.messages();
+        assert!(messages.len() <= MAX_REPLY_BYTES / MAX_MESSAGE_CHARS + 1, "{} messages", messages.len());
+        assert!(messages.last().unwrap().text.ends_with(CUT_NOTE.trim_start()), "the reply says it was cut");
     }
 }

@@ -63,11 +63,14 @@ impl Store {
         Ok(())
     }
 
+    /// Conversations of `channel` that still have their sandbox (a removed one frees its place).
     pub async fn conversations(&self, channel: &str) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bindings WHERE channel = ?")
-            .bind(channel)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM bindings b JOIN sandboxes s ON s.id = b.sandbox WHERE b.channel = ?",
+        )
+        .bind(channel)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(n as u64)
     }
 
@@ -106,13 +109,25 @@ impl Store {
     }
 
     /// Messages taken but not answered, oldest first: (channel, key, job).
-    pub async fn pending_deliveries(&self) -> Result<Vec<(String, String, String)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT channel, key, job FROM deliveries WHERE done = 0 AND job IS NOT NULL ORDER BY rowid")
-                .fetch_all(&self.pool)
-                .await?;
+    /// Messages stored and not answered, oldest first, each counted as taken up once more:
+    /// (channel, key, job, times taken up before).
+    pub async fn pending_deliveries(&self) -> Result<Vec<(String, String, String, u32)>, StoreError> {
+        let _writer = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT channel, key, job, attempts FROM deliveries WHERE done = 0 AND job IS NOT NULL ORDER BY rowid",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE deliveries SET attempts = attempts + 1 WHERE done = 0 AND job IS NOT NULL")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("channel")?, r.try_get("key")?, r.try_get("job")?)))
+            .map(|r| {
+                let attempts: i64 = r.try_get("attempts")?;
+                Ok((r.try_get("channel")?, r.try_get("key")?, r.try_get("job")?, attempts as u32))
+            })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(StoreError::from)
     }
@@ -132,4 +147,24 @@ fn decode_channel(row: &sqlx::sqlite::SqliteRow) -> Result<Channel, StoreError> 
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| corrupt(e.to_string()))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stored message is counted each time it is taken up after a restart, so one whose
+    /// answer keeps ending the daemon can be given up on.
+    #[tokio::test]
+    async fn pending_messages_count_their_recoveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+        assert!(store.first_delivery("tg", "update:1", Some("{}")).await.unwrap());
+        for expected in 0..3 {
+            let pending = store.pending_deliveries().await.unwrap();
+            assert_eq!(pending, vec![("tg".into(), "update:1".into(), "{}".into(), expected)]);
+        }
+        store.delivered("tg", "update:1").await.unwrap();
+        assert!(store.pending_deliveries().await.unwrap().is_empty());
+    }
 }
