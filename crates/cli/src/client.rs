@@ -35,7 +35,7 @@ impl Client {
                 std::fs::read_to_string(&path)
                     .with_context(|| {
                         format!(
-                            "no API key: set TORPOR_API_KEY or --api-key, or run as a user who can read {} (it is created when `torpor server` first starts)",
+                            "no API key: set TORPOR_API_KEY or --api-key-file, or run as a user who can read {} (it is created when `torpor server` first starts)",
                             path.display()
                         )
                     })?

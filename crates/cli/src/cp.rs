@@ -25,6 +25,18 @@ pub fn parse(arg: &str) -> Endpoint {
     }
 }
 
+/// The mode a copy out of a sandbox gets, as `cp` without `-p` would give it: the guest's
+/// permission bits (it may be hostile), never setuid, setgid or sticky, within the umask.
+fn local_mode(reported: u32) -> u32 {
+    // SAFETY: umask only swaps the process's mask; it is put back at once.
+    let umask = unsafe {
+        let old = libc::umask(0o022);
+        libc::umask(old);
+        old
+    };
+    reported & 0o777 & !(umask as u32)
+}
+
 fn file_name(path: &str) -> Option<&str> {
     Path::new(path).file_name().and_then(|n| n.to_str())
 }
@@ -57,12 +69,13 @@ pub async fn run(client: &Client, src: &str, dst: &str) -> Result<()> {
             let req =
                 client.request(Method::GET, &format!("/v1/sandboxes/{id}/files")).query(&[("path", path.as_str())]);
             let resp = client.send(req).await?;
-            let mode = resp
+            let reported = resp
                 .headers()
                 .get("x-torpor-mode")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|m| u32::from_str_radix(m, 8).ok())
                 .unwrap_or(0o644);
+            let mode = local_mode(reported);
             // Write beside the target and rename, so a failed copy never leaves a partial file.
             let dir = local.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             let tmp = tempfile::NamedTempFile::new_in(dir)
@@ -87,6 +100,33 @@ pub async fn run(client: &Client, src: &str, dst: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A "daemon" whose guest reports a setuid, world-writable file.
+    async fn serve_hostile_file() -> String {
+        let app = axum::Router::new().route(
+            "/v1/sandboxes/{id}/files",
+            axum::routing::get(|| async { ([("x-torpor-mode", "6777")], "#!/bin/sh\necho owned\n") }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_copy_out_never_gets_setuid_or_world_writable_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let client = Client::new(&serve_hostile_file().await, Some("key".into())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("report.txt");
+        // SAFETY: the conventional mask, set for this test process.
+        unsafe { libc::umask(0o022) };
+        run(&client, "sb-abcdefghjk:/tmp/report.txt", dst.to_str().unwrap()).await.unwrap();
+        let mode = std::fs::metadata(&dst).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7000, 0, "setuid/setgid/sticky: {mode:o}");
+        assert_eq!(mode & 0o022, 0, "group or world writable: {mode:o}");
+        assert_eq!(mode & 0o777, 0o755);
+    }
 
     #[test]
     fn parses_both_sides() {

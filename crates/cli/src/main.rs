@@ -28,9 +28,11 @@ struct Cli {
     /// URL of the Torpor daemon.
     #[arg(long, global = true, env = "TORPOR_URL", default_value = "http://127.0.0.1:7070")]
     url: String,
-    /// API key; by default read from $TORPOR_HOME/api-key (/var/lib/torpor/api-key).
-    #[arg(long, global = true, env = "TORPOR_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    /// File holding the API key; by default $TORPOR_API_KEY if set, else
+    /// $TORPOR_HOME/api-key (/var/lib/torpor/api-key). The key itself is never an argument:
+    /// every local user can read a process's arguments.
+    #[arg(long, global = true, env = "TORPOR_API_KEY_FILE", value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,13 +75,14 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        let api_key = api_key(cli.api_key_file.as_deref())?;
         match cli.command {
             Command::Server { config, listen } => run_server(config, listen).await.map(|_| ExitCode::SUCCESS),
             Command::Image(cmd) => image::run(cmd).map(|_| ExitCode::SUCCESS),
-            Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, cli.api_key).await,
-            Command::Channel(cmd) => channel::run(cmd, &cli.url, cli.api_key).await,
-            Command::Template(cmd) => template::run(cmd, &cli.url, cli.api_key).await.map(|_| ExitCode::SUCCESS),
-            Command::Bench(cmd) => bench::run(cmd, &cli.url, cli.api_key).await.map(|_| ExitCode::SUCCESS),
+            Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, api_key).await,
+            Command::Channel(cmd) => channel::run(cmd, &cli.url, api_key).await,
+            Command::Template(cmd) => template::run(cmd, &cli.url, api_key).await.map(|_| ExitCode::SUCCESS),
+            Command::Bench(cmd) => bench::run(cmd, &cli.url, api_key).await.map(|_| ExitCode::SUCCESS),
         }
     });
     match result {
@@ -89,6 +92,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The key from `--api-key-file`, else `$TORPOR_API_KEY`; `None`: the client reads the
+/// daemon's own key file.
+fn api_key(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    use anyhow::Context;
+    if let Some(file) = file {
+        let key =
+            std::fs::read_to_string(file).with_context(|| format!("reading the API key from {}", file.display()))?;
+        return Ok(Some(key.trim().to_owned()));
+    }
+    Ok(std::env::var("TORPOR_API_KEY").ok().filter(|k| !k.trim().is_empty()))
 }
 
 async fn run_server(config: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
@@ -116,4 +131,16 @@ async fn run_server(config: Option<PathBuf>, listen: Option<std::net::SocketAddr
     };
     torpor_control::server::run(cfg, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn the_api_key_is_never_an_argument() {
+        assert!(super::Cli::try_parse_from(["torpor", "--api-key", "tp_x", "sandbox", "list"]).is_err());
+        let cli = super::Cli::try_parse_from(["torpor", "--api-key-file", "/k", "sandbox", "list"]).unwrap();
+        assert_eq!(cli.api_key_file.as_deref(), Some(std::path::Path::new("/k")));
+    }
 }

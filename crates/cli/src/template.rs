@@ -126,6 +126,17 @@ impl TemplateFile {
             if f.content.is_some() == f.source.is_some() {
                 bail!("file {}: give exactly one of `content` and `source`", f.path);
             }
+            if let Some(source) = &f.source {
+                let outside =
+                    source.is_absolute() || source.components().any(|c| !matches!(c, std::path::Component::Normal(_)));
+                if outside {
+                    bail!(
+                        "file {}: source {} must be a path inside the template file's directory (no leading /, no ..)",
+                        f.path,
+                        source.display()
+                    );
+                }
+            }
         }
         for path in &t.preload {
             if !path.starts_with('/') || path.contains(['\'', '\n']) {
@@ -273,8 +284,16 @@ impl Origin {
     fn read(&self, source: &Path) -> Result<Vec<u8>> {
         match self {
             Origin::File { path, .. } => {
-                let full = path.parent().unwrap_or(Path::new(".")).join(source);
-                std::fs::read(&full).with_context(|| format!("reading {}", full.display()))
+                // Resolved first: a symlink in a shared template directory must not lead out of it
+                // (`template build` runs as root).
+                let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+                let full = dir.join(source);
+                let real = full.canonicalize().with_context(|| format!("reading {}", full.display()))?;
+                if !real.starts_with(&dir) {
+                    bail!("{} leads to {}, outside the template's directory", full.display(), real.display());
+                }
+                std::fs::read(&real).with_context(|| format!("reading {}", real.display()))
             }
             Origin::Shipped { name, dir, .. } => dir
                 .get_file(dir.path().join(source))
@@ -541,6 +560,24 @@ fn describe_policy(p: &NetworkPolicy) -> String {
 #[cfg(test)]
 mod tests {
     use super::{Origin, TemplateFile};
+
+    #[test]
+    fn sources_outside_the_template_directory_are_refused() {
+        for source in ["/etc/hostname", "../x", "files/../../x"] {
+            let text = format!("[[file]]\npath = \"/x\"\nsource = \"{source}\"\n");
+            let e = TemplateFile::parse(&text).err().unwrap_or_else(|| panic!("{source} accepted"));
+            assert!(e.to_string().contains("inside the template file's directory"), "{e}");
+        }
+        // A symlink inside the directory that leads out of it.
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link")).unwrap();
+        std::fs::write(dir.path().join("t.toml"), "").unwrap();
+        let origin = Origin::File { path: dir.path().join("t.toml"), text: String::new() };
+        let e = origin.read(std::path::Path::new("link")).unwrap_err();
+        assert!(e.to_string().contains("outside the template's directory"), "{e}");
+        std::fs::write(dir.path().join("ok.txt"), "fine").unwrap();
+        assert_eq!(origin.read(std::path::Path::new("ok.txt")).unwrap(), b"fine");
+    }
 
     #[test]
     fn the_shipped_coder_template_is_complete() {

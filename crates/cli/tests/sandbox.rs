@@ -48,6 +48,11 @@ async fn debian_sandbox_runs_commands_and_moves_files() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-torpor-mode"], "600");
     assert!(resp.bytes().await.unwrap() == data, "downloaded bytes differ");
+    // A setuid, world-writable file in the guest: only its permission bits leave the daemon.
+    let (code, _, _) = d.exec(id, &["sh", "-c", "cp /bin/true /tmp/suid && chmod 6777 /tmp/suid"]).await;
+    assert_eq!(code, Some(0));
+    let resp = d.request(Method::GET, &format!("/v1/sandboxes/{id}/files?path=/tmp/suid")).send().await.unwrap();
+    assert_eq!(resp.headers()["x-torpor-mode"], "777");
 
     // 10 MiB of output streams without loss.
     let script = "import sys; sys.stdout.buffer.write(bytes(range(256)) * 40960)";

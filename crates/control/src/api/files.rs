@@ -190,7 +190,9 @@ pub async fn download(
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("x-torpor-mode", format!("{:o}", info.mode))
+        // Permission bits only: what a hostile guest reports must not set setuid, setgid or
+        // sticky bits on anyone's copy.
+        .header("x-torpor-mode", format!("{:o}", info.mode & 0o777))
         .body(Body::from_stream(body))
         .expect("valid response"))
 }

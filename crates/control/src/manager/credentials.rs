@@ -174,9 +174,8 @@ impl Manager {
     /// snapshot every clone starts from: the default environment goes back to what the sandbox
     /// was created with, and every credential file is emptied (clones get their own at create;
     /// an empty `GITHUB_HOST` makes git's helper answer nothing).
+    /// Callers hold the sandbox's credential lock until the snapshot is taken.
     pub(super) async fn strip_credentials(&self, rec: &Record, guest: &GuestClient) -> Result<(), ApiError> {
-        let lock = self.credential_lock(&rec.id);
-        let _one_at_a_time = lock.lock().await;
         let env = rec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let reset = guest.set_env(env, true);
         let mut names: Vec<String> = STATIC.iter().map(|n| n.to_string()).collect();

@@ -138,6 +138,10 @@ impl Manager {
         // sandbox in between and run from files that are being taken away.
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
+        // Held from the strip to the snapshot: a renewal falling due in between would put
+        // credentials back into the memory every clone starts from.
+        let credentials = self.credential_lock(id);
+        let _no_renewal = credentials.lock().await;
         if let Some(live) = self.live_handle(id) {
             self.strip_credentials(&rec, &live.guest).await?;
         }
