@@ -136,15 +136,28 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_qemu_or_image_says_what_to_run() {
-    let d = Daemon::start_with(Options {
-        extra_config: "qemu = \"/nonexistent/qemu-system-x86_64\"".into(),
-        ..Default::default()
-    })
-    .await;
+    // A QEMU the daemon looks up on PATH, missing at first.
+    let name = format!("qemu-torpor-test-{}", std::process::id());
+    let d = Daemon::start_with(Options { extra_config: format!("qemu = \"{name}\""), ..Default::default() }).await;
     let (status, err) = d.call(Method::POST, "/v1/sandboxes", Some(json!({}))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(message(&err).contains("apt-get install qemu-system-x86"), "{err}");
     assert!(d.list_ids().await.is_empty());
+    // Installed while the daemon runs: the next creates find it, with no restart.
+    let installed = std::path::Path::new("/usr/local/bin").join(&name);
+    std::os::unix::fs::symlink("/usr/bin/qemu-system-x86_64", &installed).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let created = loop {
+        let (status, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({}))).await;
+        if status == StatusCode::CREATED {
+            break body;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(std::time::Instant::now() < deadline, "QEMU, installed, was never found: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = std::fs::remove_file(&installed);
+    assert_eq!(created["state"], "running");
     drop(d);
 
     let empty = tempfile::tempdir().unwrap();

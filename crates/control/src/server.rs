@@ -45,18 +45,17 @@ pub async fn run(
         .map_err(|e| ServerError::Setup(format!("API key in {}: {e}", cfg.data_dir.display())))?;
     let store = Store::open(&cfg.data_dir.join("torpor.db")).await?;
 
-    let engine: Result<Arc<dyn Engine>, String> = choose_accel(cfg.accel, HostVirt::probe())
-        .and_then(|choice| {
-            if let Some(warning) = &choice.warning {
-                tracing::warn!("{warning}");
-            }
-            torpor_engine::qemu::QemuEngine::new(&cfg.qemu, choice.accel, cfg.tcg_code_cache_mib)
-        })
-        .map(|e| Arc::new(e) as Arc<dyn Engine>)
-        .map_err(|e| e.to_string());
-    if let Err(e) = &engine {
-        tracing::error!("sandboxes cannot start: {e}");
-    }
+    let (qemu, accel, code_cache) = (cfg.qemu.clone(), cfg.accel, cfg.tcg_code_cache_mib);
+    let warned = std::sync::Once::new();
+    let engine: crate::manager::Probe = Box::new(move || {
+        let choice = choose_accel(accel, HostVirt::probe()).map_err(|e| e.to_string())?;
+        if let Some(warning) = &choice.warning {
+            warned.call_once(|| tracing::warn!("{warning}"));
+        }
+        let engine =
+            torpor_engine::qemu::QemuEngine::new(&qemu, choice.accel, code_cache).map_err(|e| e.to_string())?;
+        Ok(Arc::new(engine) as Arc<dyn Engine>)
+    });
     if let Err(e) = torpor_image::ImageStore::new(&cfg.image_dir).current("base") {
         tracing::error!("sandboxes cannot start: {e}");
     }

@@ -28,7 +28,7 @@ pub(crate) async fn state_with(edit: impl FnOnce(&mut crate::config::Config)) ->
     };
     edit(&mut cfg);
     let store = crate::store::Store::open(&dir.path().join("torpor.db")).await.unwrap();
-    let manager = Manager::new(Arc::new(cfg), store, Err("no engine in unit tests".into())).unwrap();
+    let manager = Manager::new(Arc::new(cfg), store, Box::new(|| Err("no engine in unit tests".into()))).unwrap();
     let relay = crate::relay::Relay::new(manager.clone());
     let state = AppState { manager, api_key: Arc::new("tp_test".into()), auth_failures: Default::default(), relay };
     (state, dir)

@@ -5,6 +5,8 @@
 
 mod credentials;
 use credentials::github_error;
+mod engine_slot;
+pub use engine_slot::{EngineSlot, Probe};
 mod network;
 mod reconcile;
 mod suspend;
@@ -100,8 +102,8 @@ impl Drop for Busy {
 pub struct Manager {
     pub cfg: Arc<Config>,
     store: Store,
-    /// `Err` carries what to tell the user when QEMU is missing.
-    engine: Result<Arc<dyn Engine>, String>,
+    /// Looked for again while missing: fixing the host needs no restart.
+    engine: EngineSlot,
     images: ImageStore,
     pool: AddressPool,
     live: Mutex<HashMap<String, Arc<Live>>>,
@@ -138,7 +140,7 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(cfg: Arc<Config>, store: Store, engine: Result<Arc<dyn Engine>, String>) -> Result<Arc<Self>, ApiError> {
+    pub fn new(cfg: Arc<Config>, store: Store, engine: Probe) -> Result<Arc<Self>, ApiError> {
         let pool = cfg.pool().map_err(|e| ApiError::internal(e.to_string()))?;
         let upstream = Upstream::new(&cfg.dns_upstreams).map_err(|e| ApiError::internal(e.to_string()))?;
         let ttl = Duration::from_secs(cfg.device_token_ttl_secs);
@@ -165,7 +167,7 @@ impl Manager {
             images: ImageStore::new(&cfg.image_dir),
             cfg,
             store,
-            engine,
+            engine: EngineSlot::new(engine),
             pool,
             live: Mutex::new(HashMap::new()),
             op_locks: Mutex::new(HashMap::new()),
@@ -180,11 +182,11 @@ impl Manager {
     }
 
     pub fn accelerator(&self) -> Option<String> {
-        self.engine.as_ref().ok().map(|e| e.accel().to_string())
+        self.engine.get().ok().map(|e| e.accel().to_string())
     }
 
     fn engine(&self) -> Result<Arc<dyn Engine>, ApiError> {
-        self.engine.clone().map_err(ApiError::unavailable)
+        self.engine.get().map_err(ApiError::unavailable)
     }
 
     fn run_dir(&self, id: &str) -> PathBuf {
@@ -244,7 +246,7 @@ impl Manager {
     }
 
     fn engine_limits(&self, rec: &Record) -> torpor_engine::Limits {
-        let engine_extra = self.engine.as_ref().map(|e| e.extra_memory_mib()).unwrap_or(0);
+        let engine_extra = self.engine.cached().map(|e| e.extra_memory_mib()).unwrap_or(0);
         torpor_engine::Limits::new(
             rec.vcpus,
             rec.memory_mib,

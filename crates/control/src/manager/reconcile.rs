@@ -120,7 +120,7 @@ impl Manager {
     /// Takes over a VM an earlier daemon started. `may_be_stopped`: its CPUs may be stopped by a
     /// pause or resume that was cut short; they are continued.
     async fn adopt(self: &Arc<Self>, rec: &Record, net: &SandboxNet, may_be_stopped: bool) -> Result<(), String> {
-        let engine = self.engine.clone()?;
+        let engine = self.engine.get()?;
         // A resume cut short may not have recorded its VM's pid yet.
         let pid = rec.pid.or_else(|| engine.find_vm(&rec.id)).ok_or("no VM process is running")?;
         if !net.exists() {
