@@ -19,7 +19,7 @@ BINARIES=(
   openssl:openssl                                                  # tests and benches: a GitHub App key
   protoc:protobuf-compiler                                         # the supervisor's gRPC contract
   cc:build-essential make:build-essential pkg-config:pkg-config curl:curl
-  fallocate:util-linux setpriv:util-linux nsenter:util-linux
+  fallocate:util-linux setpriv:util-linux nsenter:util-linux sysctl:procps
 )
 EXTRA_PACKAGES=(ca-certificates)
 

@@ -10,6 +10,7 @@ mod bench_wake;
 mod channel;
 mod client;
 mod cp;
+mod doctor;
 mod exec;
 mod grants;
 mod image;
@@ -60,6 +61,16 @@ enum Command {
     /// Channels that bring messages to sandboxes' agents: HTTP, Telegram, Slack.
     #[command(subcommand)]
     Channel(channel::ChannelCommand),
+    /// Check this host as the daemon uses it: programs and versions, KVM or TCG, cgroups,
+    /// nftables, disk, the guest image, the API. Says what to run for each problem.
+    Doctor {
+        /// Config file (TOML); default $TORPOR_HOME/config.toml if it exists.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Wait up to this many seconds for the API to answer (a daemon just started).
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
     /// Measure performance against a running daemon.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -79,6 +90,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Server { config, listen } => run_server(config, listen).await.map(|_| ExitCode::SUCCESS),
             Command::Image(cmd) => image::run(cmd).map(|_| ExitCode::SUCCESS),
+            Command::Doctor { config, wait } => {
+                doctor::run(&cli.url, config, std::time::Duration::from_secs(wait)).await
+            }
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, api_key).await,
             Command::Channel(cmd) => channel::run(cmd, &cli.url, api_key).await,
             Command::Template(cmd) => template::run(cmd, &cli.url, api_key).await.map(|_| ExitCode::SUCCESS),

@@ -278,3 +278,28 @@ async fn a_guest_that_stalls_its_supervisor_holds_up_nothing() {
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     assert_nothing_left(&d, &id, false);
 }
+
+/// `torpor doctor` against a running daemon: everything checked, the exit status says whether
+/// sandboxes can run, and a missing program comes with the command that installs it.
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_checks_the_host_and_names_fixes() {
+    let d = Daemon::start().await;
+    let config = d.config_path.to_str().unwrap().to_owned();
+    let out = d.cli(&["doctor", "--config", &config], b"");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["ok    qemu-img", "ok    cgroups", "ok    nftables", "ok    guest image", "ok    API"] {
+        assert!(text.contains(line), "{line:?} missing:\n{text}");
+    }
+
+    let broken = d.home.path().join("broken.toml");
+    let original = std::fs::read_to_string(&d.config_path).unwrap();
+    std::fs::write(&broken, format!("{original}\nqemu = \"qemu-not-installed-here\"\n")).unwrap();
+    let out = d.cli(&["doctor", "--config", broken.to_str().unwrap()], b"");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("FAIL  qemu-not-installed-here") && text.contains("apt-get install qemu-system-x86"),
+        "{text}"
+    );
+}
