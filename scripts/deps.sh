@@ -4,9 +4,11 @@
 # when everything is already there.
 #
 # A package being "installed" is not enough: a machine may come with a newer qemu-utils from
-# backports, which apt removes (qemu-img with it) to install Debian's qemu-system-x86. So every
-# binary is checked after installing, and the package that provides a missing one is installed
-# again; whatever is still missing is named and the script fails.
+# backports, which conflicts with Debian's qemu-system-x86 (apt gives up, or removes qemu-img).
+# So when QEMU is to be installed, the QEMU packages already there are brought to the release's
+# own versions in the same transaction; packages that still fail together are installed one at a
+# time; then every binary is checked, the package of a missing one installed again, and whatever
+# is still missing is named and the script fails.
 set -euo pipefail
 
 # binary → the Debian package that provides it
@@ -31,7 +33,17 @@ fi
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 apt_install() {
   echo "==> installing: $*"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "$@" >/dev/null
+}
+
+# Installed QEMU packages, as `package/<this release>`: installed alongside a new QEMU, they are
+# brought to the versions that belong with it.
+qemu_aligned() {
+  local codename
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  [ -n "$codename" ] || return 0
+  dpkg-query -W -f='${Package} ${Status}\n' 'qemu-*' 2>/dev/null \
+    | awk -v c="$codename" '/install ok installed/ && $1 != "qemu-system-x86" { print $1 "/" c }'
 }
 
 packages_of_missing() {
@@ -48,7 +60,15 @@ done
 mapfile -t -O "${#missing[@]}" missing < <(packages_of_missing)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
-  apt_install "${missing[@]}"
+  if ! have qemu-system-x86_64; then
+    mapfile -t -O "${#missing[@]}" missing < <(qemu_aligned)
+  fi
+  if ! apt_install "${missing[@]}"; then
+    echo "==> installing them together failed; one at a time"
+    for p in "${missing[@]}"; do
+      apt_install "$p" || echo "==> $p did not install; checked below" >&2
+    done
+  fi
 fi
 # Installing one package can remove another's binary (see above): check again, one package at a time.
 mapfile -t missing < <(packages_of_missing)
