@@ -128,7 +128,7 @@ impl TemplateFile {
             }
             if let Some(source) = &f.source {
                 let outside =
-                    source.is_absolute() || source.components().any(|c| !matches!(c, std::path::Component::Normal(_)));
+                    source.is_absolute() || source.components().any(|c| matches!(c, std::path::Component::ParentDir));
                 if outside {
                     bail!(
                         "file {}: source {} must be a path inside the template file's directory (no leading /, no ..)",
@@ -289,11 +289,18 @@ impl Origin {
                 let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
                 let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
                 let full = dir.join(source);
-                let real = full.canonicalize().with_context(|| format!("reading {}", full.display()))?;
+                // Opened first, then asked where it really is: no symlink swapped in between
+                // can lead the read elsewhere.
+                let mut file = std::fs::File::open(&full).with_context(|| format!("reading {}", full.display()))?;
+                let real = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)))
+                    .with_context(|| format!("resolving {}", full.display()))?;
                 if !real.starts_with(&dir) {
                     bail!("{} leads to {}, outside the template's directory", full.display(), real.display());
                 }
-                std::fs::read(&real).with_context(|| format!("reading {}", real.display()))
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut file, &mut data)
+                    .with_context(|| format!("reading {}", full.display()))?;
+                Ok(data)
             }
             Origin::Shipped { name, dir, .. } => dir
                 .get_file(dir.path().join(source))
@@ -563,6 +570,8 @@ mod tests {
 
     #[test]
     fn sources_outside_the_template_directory_are_refused() {
+        let ok = "[[file]]\npath = \"/x\"\nsource = \"./files/motd\"\n";
+        assert!(TemplateFile::parse(ok).is_ok(), "a leading ./ stays inside");
         for source in ["/etc/hostname", "../x", "files/../../x"] {
             let text = format!("[[file]]\npath = \"/x\"\nsource = \"{source}\"\n");
             let e = TemplateFile::parse(&text).err().unwrap_or_else(|| panic!("{source} accepted"));

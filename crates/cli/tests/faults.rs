@@ -144,8 +144,14 @@ async fn missing_qemu_or_image_says_what_to_run() {
     assert!(message(&err).contains("apt-get install qemu-system-x86"), "{err}");
     assert!(d.list_ids().await.is_empty());
     // Installed while the daemon runs: the next creates find it, with no restart.
-    let installed = std::path::Path::new("/usr/local/bin").join(&name);
-    std::os::unix::fs::symlink("/usr/bin/qemu-system-x86_64", &installed).unwrap();
+    struct Installed(std::path::PathBuf);
+    impl Drop for Installed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let installed = Installed(std::path::Path::new("/usr/local/bin").join(&name));
+    std::os::unix::fs::symlink("/usr/bin/qemu-system-x86_64", &installed.0).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let created = loop {
         let (status, body) = d.call(Method::POST, "/v1/sandboxes", Some(json!({}))).await;
@@ -156,7 +162,7 @@ async fn missing_qemu_or_image_says_what_to_run() {
         assert!(std::time::Instant::now() < deadline, "QEMU, installed, was never found: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let _ = std::fs::remove_file(&installed);
+    drop(installed);
     assert_eq!(created["state"], "running");
     drop(d);
 
@@ -213,6 +219,10 @@ async fn daemon_restart_adopts_running_sandboxes() {
     // A process started before the restart must still be there after it.
     let (code, _, _) = d.exec(&a, &["sh", "-c", "sleep 1000 > /dev/null 2>&1 & echo $! > /root/bg.pid"]).await;
     assert_eq!(code, Some(0));
+    // The console is written while nobody reads it (QEMU must shrug off the broken pipe).
+    let writer = "nohup sh -c 'for i in $(seq 40); do echo tick-$i > /dev/ttyS0; sleep 0.25; done' >/dev/null 2>&1 &";
+    let (code, _, _) = d.exec(&a, &["sh", "-c", writer]).await;
+    assert_eq!(code, Some(0));
 
     d.kill_server();
     // While the daemon is down, b's VM dies.
@@ -224,6 +234,14 @@ async fn daemon_restart_adopts_running_sandboxes() {
     assert_eq!(sa["state"], "running", "{sa}");
     let (code, out, _) = d.exec(&a, &["sh", "-c", "kill -0 $(cat /root/bg.pid) && echo alive"]).await;
     assert_eq!((code, String::from_utf8_lossy(&out).trim()), (Some(0), "alive"));
+    // The new daemon reads its console again.
+    let (code, _, _) = d.exec(&a, &["sh", "-c", "echo after-restart > /dev/ttyS0"]).await;
+    assert_eq!(code, Some(0));
+    let console = d.sandbox_dir(&a).join("console.log");
+    wait_for("the console after the restart", Duration::from_secs(30), || {
+        std::fs::read_to_string(&console).is_ok_and(|t| t.contains("after-restart"))
+    })
+    .await;
     let sb = d.get(&b).await;
     assert_eq!(sb["state"], "failed", "{sb}");
     assert!(sb["reason"].as_str().unwrap().contains("could not adopt"), "{sb}");
@@ -302,4 +320,25 @@ async fn doctor_checks_the_host_and_names_fixes() {
         text.contains("FAIL  qemu-not-installed-here") && text.contains("apt-get install qemu-system-x86"),
         "{text}"
     );
+}
+
+/// A local user's process that names a sandbox on its command line is not its VM: removing the
+/// sandbox kills its VM (found through its cgroup) and leaves the impostor alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_names_a_sandbox_is_not_taken_for_its_vm() {
+    use std::os::unix::process::CommandExt;
+    let d = Daemon::start().await;
+    let sb = d.create(json!({ "idle_timeout_secs": 0 })).await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let mut impostor = std::process::Command::new("python3")
+        .args(["-c", "import time; time.sleep(600)", &format!("torpor-{id}")])
+        .uid(65534)
+        .spawn()
+        .unwrap();
+    let (status, _) = d.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(impostor.try_wait().unwrap().is_none(), "the impostor was killed as if it were the VM");
+    impostor.kill().unwrap();
+    impostor.wait().unwrap();
+    assert_nothing_left(&d, &id, false);
 }

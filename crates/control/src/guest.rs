@@ -146,15 +146,7 @@ mod tests {
     /// A "guest" that accepts connections and never says anything: every call must still end.
     #[tokio::test]
     async fn a_guest_that_never_answers_cannot_hold_a_call() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((conn, _)) = listener.accept().await {
-                held.push(conn);
-            }
-        });
-        let guest = GuestClient::new(addr, "00");
+        let guest = GuestClient::new(crate::api::tests::silent_server().await, "00");
         let (file, env, info) = tokio::join!(
             guest.write_small_file("/run/torpor/credentials/X", b"v", 0o600),
             guest.set_env(Default::default(), false),

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
-use axum::http::header::AUTHORIZATION;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -73,13 +72,7 @@ async fn device_token(
     req: Request,
     next: Next,
 ) -> Response {
-    let given = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    match manager.tokens.verify(given) {
+    match manager.tokens.verify(crate::api::bearer(req.headers())) {
         Ok(claims) if claims.sub == own => next.run(req).await,
         Ok(claims) => ApiError::new(
             StatusCode::FORBIDDEN,
@@ -130,11 +123,7 @@ async fn own_network(
 }
 
 async fn health(State(manager): State<Arc<Manager>>) -> Json<crate::api::Health> {
-    Json(crate::api::Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        accelerator: manager.accelerator(),
-    })
+    Json(crate::api::Health::of(&manager))
 }
 
 async fn jwks(State(manager): State<Arc<Manager>>) -> Json<jsonwebtoken::jwk::JwkSet> {

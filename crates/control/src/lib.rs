@@ -15,3 +15,4 @@ pub mod proxy;
 pub mod relay;
 pub mod server;
 pub mod store;
+pub mod text;

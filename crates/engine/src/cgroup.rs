@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::EngineError;
+use crate::{io, EngineError};
 
 /// Where the hierarchies are mounted on a normal host.
 pub const ROOT: &str = "/sys/fs/cgroup";
@@ -74,13 +74,9 @@ pub struct Cgroup {
     dirs: Vec<PathBuf>,
 }
 
-fn io_err(context: String) -> impl FnOnce(std::io::Error) -> EngineError {
-    move |source| EngineError::Io { context, source }
-}
-
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), EngineError> {
     let path = dir.join(file);
-    std::fs::write(&path, value).map_err(io_err(format!("writing {value:?} to {}", path.display())))
+    std::fs::write(&path, value).map_err(io(format!("writing {value:?} to {}", path.display())))
 }
 
 /// `key value` lines (memory.events, memory.oom_control): the value of `key`.
@@ -120,7 +116,7 @@ impl Cgroup {
         if self.hierarchy == Hierarchy::V2 {
             // Controllers must be enabled on every level above the one that uses them.
             let parent = self.root.join("torpor");
-            std::fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
+            std::fs::create_dir_all(&parent).map_err(io(format!("creating {}", parent.display())))?;
             let available = std::fs::read_to_string(self.root.join("cgroup.controllers")).unwrap_or_default();
             for level in [self.root.as_path(), parent.as_path()] {
                 for c in ["cpu", "memory", "pids", "io"] {
@@ -131,7 +127,7 @@ impl Cgroup {
             }
         }
         for dir in &self.dirs {
-            std::fs::create_dir_all(dir).map_err(io_err(format!("creating cgroup {}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(io(format!("creating cgroup {}", dir.display())))?;
         }
         let memory = limits.memory_bytes.to_string();
         match self.hierarchy {

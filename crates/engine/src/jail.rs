@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::EngineError;
+use crate::{io, EngineError};
 
 /// Where each VM's private root is mounted, inside its own mount namespace.
 pub const JAIL_ROOT: &str = "/run/torpor-jail";
@@ -85,11 +85,6 @@ pub struct Plan {
 
 fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).expect("paths have no NUL bytes")
-}
-
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
-    let context = context.into();
-    move |source| EngineError::Io { context, source }
 }
 
 /// Host paths every VM needs read-only: QEMU, its libraries and data.

@@ -4,8 +4,8 @@
 
 mod accel;
 pub mod cgroup;
-pub mod console;
 pub mod jail;
+pub mod logs;
 mod process;
 pub mod qemu;
 pub mod snapshot;
@@ -55,6 +55,12 @@ pub enum EngineError {
     Load(String),
 }
 
+/// Maps an I/O error to `EngineError::Io` with what was being done.
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
+    let context = context.into();
+    move |source| EngineError::Io { context, source }
+}
+
 /// Everything needed to boot one sandbox. Paths are absolute; `run_dir` belongs to this sandbox.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -86,10 +92,6 @@ pub struct VmSpec {
 impl VmSpec {
     pub fn disk(&self) -> PathBuf {
         self.run_dir.join("disk.qcow2")
-    }
-    /// The guest's console output, bounded (see [`console`]).
-    pub fn console_log(&self) -> PathBuf {
-        console::log_path(&self.run_dir)
     }
 }
 

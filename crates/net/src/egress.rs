@@ -265,17 +265,15 @@ impl Inner {
             return Answer::Code(ResponseCode::NXDomain);
         }
         let now = Instant::now();
-        let (fresh, mut refresh) = state.resolved.changes(&addrs, now);
+        let (fresh, refresh) = state.resolved.changes(&addrs, now);
         // Only an allowlist consults the set; under open the addresses are remembered anyway,
         // so a later switch to an allowlist keeps the names it still allows.
         if state.policy.mode == EgressMode::Allowlist && !(fresh.is_empty() && refresh.is_empty()) {
             // Each update is a process on the host: a guest asking for names without end gets
-            // them at a metered pace. Addresses still allowed a while are answered meanwhile.
+            // them at a metered pace, and SERVFAIL (clients retry) past it. Never an answer the
+            // firewall does not match: the address would be dropped before its TTL ran out.
             if !state.resolved.may_update(now) {
-                if !fresh.is_empty() || refresh.iter().any(|(ip, _)| !state.resolved.still_allowed(ip, now)) {
-                    return Answer::Code(ResponseCode::ServFail);
-                }
-                refresh.clear();
+                return Answer::Code(ResponseCode::ServFail);
             }
             if let Err(e) = firewall::add_resolved(&self.netns, &fresh, &refresh).await {
                 tracing::warn!(netns = %self.netns, qname, error = %e, "cannot allow resolved addresses");

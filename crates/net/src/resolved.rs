@@ -77,11 +77,6 @@ impl Resolved {
         self.updates.take(now)
     }
 
-    /// Whether `ip` is allowed for a while yet without a refresh.
-    pub fn still_allowed(&self, ip: &Ipv4Addr, now: Instant) -> bool {
-        self.entries.get(ip).is_some_and(|e| e.expires > now + Duration::from_secs(1))
-    }
-
     /// Records that `qname` resolved to `ip`, allowed for `ttl` from `now`.
     pub fn remember(&mut self, ip: Ipv4Addr, ttl: Duration, qname: &str, now: Instant) {
         let entry = self.entries.entry(ip).or_insert_with(|| Entry { names: Vec::new(), expires: now });

@@ -79,6 +79,7 @@ pub async fn get_one(State(state): State<AppState>, Path(name): Path<String>) ->
 #[utoipa::path(delete, path = "/v1/channels/{name}", responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     if state.manager.store().delete_channel(&name).await? {
+        state.relay.forget_channel(&name);
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("no channel {name:?}")))

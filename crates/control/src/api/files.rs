@@ -132,7 +132,24 @@ pub async fn upload(
     };
     let mut client = live.guest.raw();
     let write = client.write_file(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let (forwarded, written) = tokio::join!(forward, write);
+    // The upload takes as long as the client sends; once all of it is handed over, the guest
+    // must confirm within the usual deadline.
+    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+    let forward = async move {
+        let result = forward.await;
+        let _ = sent_tx.send(());
+        result
+    };
+    let confirmed = async move {
+        tokio::pin!(write);
+        tokio::select! {
+            written = &mut write => written,
+            _ = async { let _ = sent_rx.await; tokio::time::sleep(crate::guest::CALL_TIMEOUT).await } => {
+                Err(tonic::Status::deadline_exceeded("the guest did not confirm the file"))
+            }
+        }
+    };
+    let (forwarded, written) = tokio::join!(forward, confirmed);
     forwarded?;
     let written = written.map_err(ApiError::from_guest)?.into_inner();
     Ok(Json(Uploaded { path: params.path, bytes: written.bytes_written }))

@@ -154,17 +154,19 @@ pub struct Health {
 
 /// Liveness of the daemon itself; needs no API key.
 #[utoipa::path(get, path = "/v1/health", security(()), responses((status = 200, body = Health)))]
-pub(crate) async fn health(State(state): State<AppState>) -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        accelerator: state.manager.accelerator(),
-    })
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    Json(Health::of(&state.manager))
+}
+
+impl Health {
+    pub(crate) fn of(manager: &Manager) -> Self {
+        Self { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into(), accelerator: manager.accelerator() }
+    }
 }
 
 /// The public key that signs device tokens (JWKS), for anyone who checks them.
 #[utoipa::path(get, path = "/v1/.well-known/jwks.json", security(()), responses((status = 200, description = "a JWK set")))]
-pub(crate) async fn jwks(State(state): State<AppState>) -> Json<jsonwebtoken::jwk::JwkSet> {
+async fn jwks(State(state): State<AppState>) -> Json<jsonwebtoken::jwk::JwkSet> {
     Json(state.manager.tokens.jwks())
 }
 
@@ -174,13 +176,13 @@ async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
     Json(openapi())
 }
 
+/// The token of an `Authorization: Bearer …` header; empty if there is none.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> &str {
+    headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("")
+}
+
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = bearer(req.headers());
     if bool::from(given.as_bytes().ct_eq(state.api_key.as_bytes())) {
         return next.run(req).await;
     }

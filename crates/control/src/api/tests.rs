@@ -34,6 +34,19 @@ pub(crate) async fn state_with(edit: impl FnOnce(&mut crate::config::Config)) ->
     (state, dir)
 }
 
+/// A peer that accepts connections and never says anything (a stalled upstream, a hung guest).
+pub(crate) async fn silent_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    addr
+}
+
 /// Every (method, concrete path) the document lists, ids filled in.
 fn documented(doc: &utoipa::openapi::OpenApi) -> Vec<(Method, String)> {
     let mut routes = Vec::new();

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rand::RngCore;
-use torpor_engine::{console, Engine, Vm, VmSpec};
+use torpor_engine::{logs, Engine, Vm, VmSpec};
 use torpor_image::ImageStore;
 use torpor_net::{AddressPool, SandboxEgress, SandboxNet, Upstream, TAP};
 
@@ -558,7 +558,7 @@ impl Manager {
                 table.remove(&id);
             }
         }
-        let tail = console::tail(&self.run_dir(&id), 5);
+        let tail = logs::CONSOLE.tail(&self.run_dir(&id), 5);
         let reason = if tail.trim().is_empty() {
             exit.description.clone()
         } else {
@@ -667,11 +667,16 @@ impl Manager {
                 .map_err(|e| ApiError::internal(format!("removing {}: {e}", dir.display())))?;
         }
         self.store.delete(id).await?;
+        self.forget(id);
+        Ok(())
+    }
+
+    /// Drops everything the daemon holds in memory for a sandbox whose record is gone.
+    fn forget(&self, id: &str) {
         self.forget_credentials(id);
         self.proxy.forget(id);
         self.op_locks.lock().expect("lock table poisoned").remove(id);
         self.parked_clients.lock().expect("client table poisoned").remove(id);
-        Ok(())
     }
 
     /// Kills any VM of this sandbox that no live handle owns (left by an earlier daemon, or by
@@ -715,7 +720,7 @@ pub(super) async fn wait_healthy(guest: &GuestClient, vm: &dyn Vm, timeout: Dura
 pub(super) fn with_console_tail(spec: &VmSpec, message: String) -> ApiError {
     ApiError::internal(format!(
         "{message}\n--- console log (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
-        console::tail(&spec.run_dir, CONSOLE_TAIL_LINES)
+        logs::CONSOLE.tail(&spec.run_dir, CONSOLE_TAIL_LINES)
     ))
 }
 

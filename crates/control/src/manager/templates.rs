@@ -179,7 +179,7 @@ impl Manager {
         let _ = self.teardown_net(&rec).await;
         let _ = std::fs::remove_dir_all(&run_dir);
         self.store.delete(id).await?;
-        self.forget_credentials(id);
+        self.forget(id);
         if let Some(old) = replaced {
             self.remove_template_dir_if_unused(&old.dir).await;
         }

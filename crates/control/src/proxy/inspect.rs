@@ -88,11 +88,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Seen, E> {
-        let mut end = v.len().min(KEPT);
-        while !v.is_char_boundary(end) {
-            end -= 1;
-        }
-        Ok(Seen::Str(v[..end].to_owned()))
+        Ok(Seen::Str(crate::text::cut(v, KEPT).to_owned()))
     }
 
     fn visit_bool<E>(self, _: bool) -> Result<Seen, E> {
@@ -184,6 +180,25 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
                         top.refused.get_or_insert("MCP servers reached from the provider".into());
                     }
                 }
+                "web_search_options" => {
+                    if map.next_value::<Option<IgnoredAny>>()?.is_some() {
+                        top.refused.get_or_insert("web search by the provider".into());
+                    }
+                }
+                // State kept in the shared account: another sandbox's, given its id.
+                "previous_response_id" | "conversation" => {
+                    if map.next_value::<Option<IgnoredAny>>()?.is_some() {
+                        top.refused.get_or_insert(format!(
+                            "{key} (state stored in the shared provider account; send the history)"
+                        ));
+                    }
+                }
+                "prompt" => {
+                    // A string is a completion's prompt; an object names a prompt stored in the account.
+                    if let Seen::Object { .. } = map.next_value_seed(Walk { refused: &mut top.refused })? {
+                        top.refused.get_or_insert("a prompt stored in the shared provider account".into());
+                    }
+                }
                 _ => {
                     map.next_value_seed(Walk { refused: &mut top.refused })?;
                 }
@@ -228,6 +243,7 @@ mod tests {
             None
         );
         assert_eq!(refused(r#"{"input":[{"type":"input_image","image_url":"data:image/png;base64,AAAA"}]}"#), None);
+        assert_eq!(refused(r#"{"model":"m","prompt":"Say hi","previous_response_id":null}"#), None, "a completion");
     }
 
     #[test]
@@ -248,6 +264,10 @@ mod tests {
             r#"{"tools":[{"type":"file_search","vector_store_ids":["vs_1"]}],"input":"x"}"#,
             r#"{"input":[{"role":"user","content":[{"type":"input_file","file_id":"file-abc"}]}]}"#,
             r#"{"background":true,"input":"x"}"#,
+            r#"{"messages":[],"web_search_options":{}}"#,
+            r#"{"previous_response_id":"resp_other","input":"x"}"#,
+            r#"{"conversation":"conv_other","input":"x"}"#,
+            r#"{"prompt":{"id":"pmpt_1"},"input":"x"}"#,
         ] {
             assert!(refused(body).is_some(), "let through: {body}");
         }

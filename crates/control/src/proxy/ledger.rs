@@ -11,13 +11,26 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Requests of one sandbox in flight at once (agents run a few in parallel: subagents, token
 /// counts).
 pub const IN_FLIGHT: usize = 8;
-/// Request bodies held in memory at once, over every sandbox, in MiB.
-pub const BUFFERED_MIB: u32 = 256;
+/// Request bodies held in memory at once, in MiB: by one sandbox (one largest request, twice),
+/// and over every sandbox. Only bytes that arrived count, so a sandbox that declares a large
+/// body and sends nothing holds nothing.
+pub const SANDBOX_BUFFERED_MIB: u32 = 64;
+pub const BUFFERED_MIB: u32 = 512;
 
-#[derive(Default)]
 struct Account {
-    in_flight: Option<Arc<Semaphore>>,
+    in_flight: Arc<Semaphore>,
+    buffers: Arc<Semaphore>,
     reserved: u64,
+}
+
+impl Default for Account {
+    fn default() -> Self {
+        Self {
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            buffers: Arc::new(Semaphore::new(SANDBOX_BUFFERED_MIB as usize)),
+            reserved: 0,
+        }
+    }
 }
 
 pub struct Ledger {
@@ -39,24 +52,24 @@ pub struct Slot {
 /// Room for one request's body while the daemon holds it: grown as the body arrives, given
 /// back when the body has gone upstream.
 pub struct Buffer {
-    semaphore: Arc<Semaphore>,
-    permit: Option<OwnedSemaphorePermit>,
+    own: Arc<Semaphore>,
+    all: Arc<Semaphore>,
+    permits: Vec<OwnedSemaphorePermit>,
     mib: u32,
 }
 
 impl Buffer {
     /// Room for `bytes` (twice: a rewritten copy of the body may be made); false when the
-    /// daemon holds all it may already.
+    /// sandbox, or the daemon, holds all it may already.
     pub fn cover(&mut self, bytes: usize) -> bool {
         let need = (2 * bytes).div_ceil(1 << 20).max(1) as u32;
         if need <= self.mib {
             return true;
         }
-        let Ok(more) = self.semaphore.clone().try_acquire_many_owned(need - self.mib) else { return false };
-        match &mut self.permit {
-            Some(permit) => permit.merge(more),
-            None => self.permit = Some(more),
-        }
+        let more = need - self.mib;
+        let Ok(own) = self.own.clone().try_acquire_many_owned(more) else { return false };
+        let Ok(all) = self.all.clone().try_acquire_many_owned(more) else { return false };
+        self.permits.extend([own, all]);
         self.mib = need;
         true
     }
@@ -65,16 +78,15 @@ impl Buffer {
 impl Ledger {
     /// A place for one more request of `id`, if it has fewer than `IN_FLIGHT`.
     pub fn slot(&self, id: &str) -> Option<Slot> {
-        let semaphore = {
-            let mut accounts = self.accounts.lock().expect("ledger poisoned");
-            let account = accounts.entry(id.to_owned()).or_default();
-            account.in_flight.get_or_insert_with(|| Arc::new(Semaphore::new(IN_FLIGHT))).clone()
-        };
+        let semaphore =
+            self.accounts.lock().expect("ledger poisoned").entry(id.to_owned()).or_default().in_flight.clone();
         semaphore.try_acquire_owned().ok().map(|permit| Slot { _permit: permit })
     }
 
-    pub fn buffer(&self) -> Buffer {
-        Buffer { semaphore: self.buffers.clone(), permit: None, mib: 0 }
+    /// Room for one request body of sandbox `id`, empty until `Buffer::cover` grows it.
+    pub fn buffer(&self, id: &str) -> Buffer {
+        let own = self.accounts.lock().expect("ledger poisoned").entry(id.to_owned()).or_default().buffers.clone();
+        Buffer { own, all: self.buffers.clone(), permits: Vec::new(), mib: 0 }
     }
 
     /// Reserves `tokens` for `id` if what it has spent and reserved is under `budget`; returns
@@ -128,14 +140,23 @@ mod tests {
     }
 
     #[test]
-    fn buffers_are_bounded_daemon_wide() {
+    fn buffers_are_bounded_per_sandbox_and_daemon_wide() {
         let ledger = Ledger::default();
-        let mut a = ledger.buffer();
+        let mut a = ledger.buffer("sb-a");
         assert!(a.cover(1000));
-        assert!(a.cover(((BUFFERED_MIB - 10) as usize) << 19), "grown to most of the budget");
-        let mut b = ledger.buffer();
-        assert!(!b.cover(16 << 20), "past the daemon's budget");
+        assert!(a.cover(32 << 20), "one largest request, twice");
+        assert!(!ledger.buffer("sb-a").cover(1 << 20), "past the sandbox's share");
         drop(a);
-        assert!(b.cover(16 << 20));
+        let sandboxes = (BUFFERED_MIB / SANDBOX_BUFFERED_MIB) as usize;
+        let held: Vec<Buffer> = (0..sandboxes)
+            .map(|i| {
+                let mut b = ledger.buffer(&format!("sb-{i}"));
+                assert!(b.cover(32 << 20));
+                b
+            })
+            .collect();
+        assert!(!ledger.buffer("sb-last").cover(1 << 20), "past the daemon's budget");
+        drop(held);
+        assert!(ledger.buffer("sb-last").cover(1 << 20));
     }
 }

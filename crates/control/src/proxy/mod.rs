@@ -36,6 +36,8 @@ use crate::manager::Manager;
 const KEY_FILE: &str = "model-proxy-key";
 /// Requests carry whole conversations, images included (the APIs' own limit is about this).
 const MAX_REQUEST_BYTES: usize = 32 << 20;
+/// From the request's headers to the end of its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 const TOKEN_PREFIX: &str = "torpor-proxy-";
 
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +197,7 @@ async fn forward(manager: Arc<Manager>, flavour: ModelFlavour, req: Incoming) ->
             format!("sandbox {id} has {} model requests running already; retry when one ends", ledger::IN_FLIGHT),
         );
     };
-    let mut buffer = proxy.ledger.buffer();
+    let mut buffer = proxy.ledger.buffer(&id);
     let body = match read_body(req.body, &req.headers, &mut buffer).await {
         Ok(body) => body,
         Err((why, message)) => return refuse(flavour, why, message),
@@ -216,8 +218,10 @@ async fn forward(manager: Arc<Manager>, flavour: ModelFlavour, req: Incoming) ->
     }
     // Reserved until the answer is booked, so requests in flight count against the budget.
     let estimate_input = body.len() as u64 / 4;
-    let estimate = estimate_input + inspection.max_output_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
+    let estimate = estimate_input.saturating_add(inspection.max_output_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE));
     if let Some(budget) = grant.budget() {
+        // Read again: the body may have taken a while, and other requests were booked meanwhile.
+        let spent = manager.model_access(&id).await.map(|r| r.meter.model.tokens()).unwrap_or(spent);
         if let Err(committed) = proxy.ledger.reserve(&id, spent, budget, estimate) {
             return refuse(
                 flavour,
@@ -279,7 +283,7 @@ async fn forward(manager: Arc<Manager>, flavour: ModelFlavour, req: Incoming) ->
         path: req.rest,
         status: status.as_u16(),
         estimate_input,
-        _reservation: reservation,
+        reservation: Some(reservation),
         _slot: slot,
         _busy: busy,
     };
@@ -295,19 +299,26 @@ async fn forward(manager: Arc<Manager>, flavour: ModelFlavour, req: Incoming) ->
     response
 }
 
-/// The request body, read within `MAX_REQUEST_BYTES` and the daemon's buffer budget (room is
-/// taken before each piece is kept).
+/// The request body, read within `MAX_REQUEST_BYTES`, `BODY_TIMEOUT` and the buffer budgets
+/// (room is taken for each piece as it arrives, before it is kept).
 async fn read_body(body: Body, headers: &HeaderMap, buffer: &mut ledger::Buffer) -> Result<Bytes, (Refusal, String)> {
+    tokio::time::timeout(BODY_TIMEOUT, read_body_now(body, headers, buffer)).await.unwrap_or_else(|_| {
+        Err((Refusal::Invalid, format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs())))
+    })
+}
+
+async fn read_body_now(
+    body: Body,
+    headers: &HeaderMap,
+    buffer: &mut ledger::Buffer,
+) -> Result<Bytes, (Refusal, String)> {
     let too_large = || (Refusal::TooLarge, format!("requests are limited to {} MiB", MAX_REQUEST_BYTES >> 20));
     let busy = || (Refusal::Busy, "the model proxy holds all the requests it may; retry in a moment".to_owned());
     let declared = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > MAX_REQUEST_BYTES) {
         return Err(too_large());
     }
-    if !buffer.cover(declared.unwrap_or(0)) {
-        return Err(busy());
-    }
-    let mut data = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut data = bytes::BytesMut::new();
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| (Refusal::Invalid, format!("the request body broke off: {e}")))?;
@@ -359,8 +370,9 @@ struct Meter {
     /// Input tokens assumed when the answer reports none (a stream cut short, an answer too
     /// large to read, one in no known format).
     estimate_input: u64,
-    /// Released after the usage is booked (fields drop in order).
-    _reservation: Reservation,
+    /// Released once the usage is booked, not before: in between a budget check would see
+    /// neither.
+    reservation: Option<Reservation>,
     _slot: ledger::Slot,
     _busy: Option<crate::manager::Busy>,
 }
@@ -389,8 +401,11 @@ impl Drop for Meter {
             ms = self.started.elapsed().as_millis() as u64,
             "model request"
         );
-        let (manager, id) = (self.manager.clone(), self.id.clone());
-        tokio::spawn(async move { manager.record_model_usage(&id, tally).await });
+        let (manager, id, reservation) = (self.manager.clone(), self.id.clone(), self.reservation.take());
+        tokio::spawn(async move {
+            manager.record_model_usage(&id, tally).await;
+            drop(reservation);
+        });
     }
 }
 

@@ -15,15 +15,7 @@ const SANDBOX: &str = "sb-pppppppppp";
 
 /// An upstream that accepts connections and never answers.
 async fn stalled_upstream() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((conn, _)) = listener.accept().await {
-            held.push(conn);
-        }
-    });
-    format!("http://{addr}")
+    format!("http://{}", crate::api::tests::silent_server().await)
 }
 
 /// The proxy's router for sandbox `SANDBOX`, with an Anthropic upstream at `base_url` and a
@@ -85,13 +77,17 @@ async fn a_burst_gets_at_most_the_in_flight_cap_upstream() {
     for _ in 0..20 {
         let (router, tx, req) = (router.clone(), tx.clone(), message(&manager, HELLO));
         tasks.push(tokio::spawn(async move {
-            let _ = tx.send(router.oneshot(req).await.unwrap().status());
+            let resp = router.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let text = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+            let _ = tx.send((status, String::from_utf8_lossy(&text).into_owned()));
         }));
     }
     let mut refused = 0;
     for _ in 0..20 - ledger::IN_FLIGHT {
-        let status = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.unwrap().unwrap();
+        let (status, text) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.unwrap().unwrap();
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(text.contains("model requests running already"), "refused for another reason: {text}");
         refused += 1;
     }
     // The rest are held by the upstream, which never answers.

@@ -192,6 +192,11 @@ impl Relay {
         &self.manager
     }
 
+    /// The channel is gone: so is what the relay kept for it (its queues retire when idle).
+    pub fn forget_channel(&self, name: &str) {
+        self.new_conversations.lock().expect("relay locks poisoned").remove(name);
+    }
+
     /// Queues a message behind the conversation's earlier ones; `key` de-duplicates.
     pub async fn submit(
         self: &Arc<Self>,
@@ -201,9 +206,20 @@ impl Relay {
         text: String,
         reply: Reply,
     ) -> Result<Submitted, ApiError> {
-        if let Some(full) = self.waiting.lock().expect("relay counts poisoned").full(&channel.spec.name, conversation) {
-            return Err(ApiError::new(axum::http::StatusCode::TOO_MANY_REQUESTS, format!("{full}; try again later")));
+        let name = channel.spec.name.as_str();
+        // Counted at once, so messages arriving together cannot all pass the caps; given back if
+        // the message is not queued after all.
+        {
+            let mut waiting = self.waiting.lock().expect("relay counts poisoned");
+            if let Some(full) = waiting.full(name, conversation) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    format!("{full}; try again later"),
+                ));
+            }
+            waiting.add(name, conversation);
         }
+        let not_queued = || self.waiting.lock().expect("relay counts poisoned").remove(name, conversation);
         if let Some(key) = key {
             let (telegram, slack) = match &reply {
                 Reply::Http(_) => (None, None),
@@ -218,9 +234,17 @@ impl Relay {
                 slack,
             });
             let stored = stored.map(|s| serde_json::to_string(&s).expect("jobs serialise"));
-            if !self.manager.store().first_delivery(&channel.spec.name, key, stored.as_deref()).await? {
-                tracing::info!(channel = %channel.spec.name, %key, "duplicate delivery ignored");
-                return Ok(Submitted::Duplicate);
+            match self.manager.store().first_delivery(name, key, stored.as_deref()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    not_queued();
+                    tracing::info!(channel = %name, %key, "duplicate delivery ignored");
+                    return Ok(Submitted::Duplicate);
+                }
+                Err(e) => {
+                    not_queued();
+                    return Err(e.into());
+                }
             }
         }
         let job = Job {
@@ -259,6 +283,7 @@ impl Relay {
                 }
             };
             tracing::info!(channel = %name, %key, "delivering a message taken before the daemon stopped");
+            self.waiting.lock().expect("relay counts poisoned").add(&name, &job.conversation);
             self.enqueue(Job { channel, conversation: job.conversation, text: job.text, reply, key: Some(key) });
             recovered += 1;
         }
@@ -266,8 +291,8 @@ impl Relay {
     }
 
     /// Behind the conversation's earlier messages.
+    /// Callers have counted the job as waiting.
     fn enqueue(self: &Arc<Self>, job: Job) {
-        self.waiting.lock().expect("relay counts poisoned").add(&job.channel.spec.name, &job.conversation);
         let mut queues = self.queues.lock().expect("relay queues poisoned");
         let queue_key = (job.channel.spec.name.clone(), job.conversation.clone());
         // A queue whose worker has retired hands the job back.
@@ -398,21 +423,29 @@ impl Relay {
             .await
             .map_err(|e| format!("the sandbox's agent refused the message: {}", e.message()))?
             .into_inner();
-        let mut bytes = 0usize;
+        let mut streamed = 0usize;
         loop {
             let event = stream.message().await.map_err(|e| format!("the agent's answer broke off: {}", e.message()))?;
-            bytes += event.as_ref().map(prost::Message::encoded_len).unwrap_or(0);
-            if bytes > MAX_ANSWER_BYTES {
-                return Err(format!("the agent's answer passed {} KiB; the rest was dropped", MAX_ANSWER_BYTES >> 10));
-            }
             let Some(kind) = event.and_then(|e| e.kind) else {
                 return Err("the agent ended without an answer".into());
             };
+            streamed += match &kind {
+                agent_event::Kind::Text(t) => t.text.len(),
+                agent_event::Kind::Tool(t) => t.name.len() + t.detail.len(),
+                // The whole answer again, once: bounded on its own below.
+                agent_event::Kind::Done(_) | agent_event::Kind::Error(_) => 0,
+            };
+            if streamed > MAX_ANSWER_BYTES {
+                return Err(format!("the agent's answer passed {} KiB; the rest was dropped", MAX_ANSWER_BYTES >> 10));
+            }
             let event = match kind {
                 agent_event::Kind::Text(t) => RelayEvent::Text { text: t.text },
                 agent_event::Kind::Tool(t) => RelayEvent::Tool { name: t.name, detail: t.detail },
-                agent_event::Kind::Error(e) => return Err(format!("the agent failed: {}", e.message)),
-                agent_event::Kind::Done(d) => {
+                agent_event::Kind::Error(e) => {
+                    return Err(format!("the agent failed: {}", crate::text::cut(&e.message, 4 << 10)))
+                }
+                agent_event::Kind::Done(mut d) => {
+                    d.text.truncate(crate::text::cut(&d.text, MAX_ANSWER_BYTES).len());
                     let done = RelayEvent::Done {
                         text: d.text,
                         session: d.session,

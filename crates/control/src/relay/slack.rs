@@ -98,12 +98,9 @@ impl Sink {
 /// Slack refuses messages past 40 000 characters: a longer reply is cut, and says so.
 fn cut(text: &str) -> String {
     const MAX_BYTES: usize = 39_000;
-    if text.len() <= MAX_BYTES {
+    let kept = crate::text::cut(text, MAX_BYTES);
+    if kept.len() == text.len() {
         return text.to_owned();
     }
-    let mut end = MAX_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}\n\n[… the rest of this reply was cut]", &text[..end])
+    format!("{kept}\n\n[… the rest of this reply was cut]")
 }

@@ -89,11 +89,7 @@ impl Sink {
         if text.len() <= room {
             self.text.push_str(text);
         } else if !self.text.ends_with(CUT_NOTE) {
-            let mut end = room.saturating_sub(CUT_NOTE.len());
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            self.text.push_str(&text[..end]);
+            self.text.push_str(crate::text::cut(text, room.saturating_sub(CUT_NOTE.len())));
             self.text.push_str(CUT_NOTE);
         }
     }

@@ -3,20 +3,25 @@
 //! - the sandbox's tap, attached in the sandbox's namespace;
 //! - its control (QMP) socket, listening at a path in the root-owned run directory, where the
 //!   daemon connects and the VM can neither replace it nor point it elsewhere;
-//! - the write end of its console FIFO, read by the daemon into a size-capped log
-//!   (`crate::console`).
+//! - the write ends of its console's and its own output's FIFOs, read by the daemon into
+//!   size-capped logs (`crate::logs`).
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use crate::{EngineError, VmSpec};
+use crate::{io, EngineError, VmSpec};
 
 /// Descriptors for one QEMU process; dropped (the daemon's copies closed) once it has started.
 pub struct Handoff {
     pub tap: OwnedFd,
     pub qmp: OwnedFd,
     pub console: OwnedFd,
+    /// QEMU's standard output and error.
+    pub output: OwnedFd,
 }
+
+/// Copies QEMU's output into its log; ends once QEMU has exited (or never started).
+pub type OutputReader = tokio::task::JoinHandle<()>;
 
 /// Their numbers, as QEMU's command line names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,20 +31,16 @@ pub struct HandedFds {
     pub console: RawFd,
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
-    let context = context.into();
-    move |source| EngineError::Io { context, source }
-}
-
 impl Handoff {
-    pub fn open(spec: &VmSpec) -> Result<Self, EngineError> {
+    pub fn open(spec: &VmSpec) -> Result<(Self, OutputReader), EngineError> {
         let tap = open_tap(&spec.netns_path, &spec.tap)?;
         let qmp_path = super::cmdline::qmp_socket(spec);
         let _ = std::fs::remove_file(&qmp_path);
         let listener = std::os::unix::net::UnixListener::bind(&qmp_path)
             .map_err(io(format!("creating the control socket {}", qmp_path.display())))?;
-        let console = crate::console::open_writer(&spec.run_dir)?;
-        Ok(Self { tap, qmp: listener.into(), console })
+        let (console, _) = crate::logs::CONSOLE.open_writer(&spec.run_dir)?;
+        let (output, output_reader) = crate::logs::VMM.open_writer(&spec.run_dir)?;
+        Ok((Self { tap, qmp: listener.into(), console, output }, output_reader))
     }
 
     pub fn fds(&self) -> HandedFds {

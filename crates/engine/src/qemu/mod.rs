@@ -17,12 +17,14 @@ use crate::process::ExitWatch;
 use serde_json::json;
 
 use crate::snapshot::{self, SnapshotMeta};
-use crate::{Accel, Engine, EngineError, Vm, VmExit, VmSpec};
+use crate::{io, Accel, Engine, EngineError, Vm, VmExit, VmSpec};
 pub use cmdline::process_name;
 use qmp::Qmp;
 
 /// How long QEMU may take to open its control socket.
 const QMP_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Where QEMU made its control socket before it was handed one (daemons of earlier versions).
+const LEGACY_VMM_DIR: &str = "vmm";
 /// Saving or loading a VM's device state.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `terminate` waits after `quit` before it kills.
@@ -59,14 +61,11 @@ impl QemuEngine {
     /// answers.
     async fn spawn(&self, spec: &VmSpec, extra: &[&str]) -> Result<QemuVm, EngineError> {
         let qmp_path = cmdline::qmp_socket(spec);
-        let log_path = spec.run_dir.join("qemu.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io(format!("opening {}", log_path.display())))?;
-        let log_err = log.try_clone().map_err(io("duplicating log fd"))?;
-        let handoff = handoff::Handoff::open(spec)?;
+        // Left by a daemon of an earlier version, where QEMU made its own control socket.
+        let _ = std::fs::remove_dir_all(spec.run_dir.join(LEGACY_VMM_DIR));
+        let (handoff, output_reader) = handoff::Handoff::open(spec)?;
+        let output = std::fs::File::from(handoff.output.try_clone().map_err(io("duplicating QEMU's output"))?);
+        let output_err = output.try_clone().map_err(io("duplicating QEMU's output"))?;
         let cgroup = Cgroup::required(Path::new(crate::cgroup::ROOT), &process_name(&spec.id))?;
         cgroup.create(&spec.limits)?;
 
@@ -77,8 +76,8 @@ impl QemuEngine {
             .env_clear()
             .current_dir(&spec.run_dir)
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
+            .stdout(output)
+            .stderr(output_err)
             .kill_on_drop(false);
         let pid_report = match self.prepare_jail(spec, &cgroup, &handoff, &mut cmd) {
             Ok(read_end) => read_end,
@@ -95,8 +94,7 @@ impl QemuEngine {
             Ok(child) => child,
             Err(e) => {
                 cgroup.remove();
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(EngineError::EarlyExit(format!("{e}: {}", log.trim())));
+                return Err(EngineError::EarlyExit(format!("{e}: {}", vmm_output(spec, output_reader).await)));
             }
         };
         // The child was the jail's intermediate process: it has reported QEMU's pid and exited
@@ -107,9 +105,10 @@ impl QemuEngine {
         let vm = QemuVm { pid, exit, qmp_path };
         if let Err(e) = vm.wait_for_qmp().await {
             vm.terminate().await;
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             return Err(match e {
-                EngineError::EarlyExit(why) => EngineError::EarlyExit(format!("{why}: {}", log.trim())),
+                EngineError::EarlyExit(why) => {
+                    EngineError::EarlyExit(format!("{why}: {}", vmm_output(spec, output_reader).await))
+                }
                 other => other,
             });
         }
@@ -163,9 +162,10 @@ impl QemuEngine {
     }
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
-    let context = context.into();
-    move |source| EngineError::Io { context, source }
+/// The end of what QEMU printed, once it has all reached the log (QEMU is gone).
+async fn vmm_output(spec: &VmSpec, reader: handoff::OutputReader) -> String {
+    let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    crate::logs::VMM.tail(&spec.run_dir, 20)
 }
 
 /// Leave RAM that lives in a shared file out of the migration stream: the file already is the RAM.
@@ -287,8 +287,14 @@ impl Engine for QemuEngine {
         }
         let cgroup = Cgroup::for_vm(&process_name(&spec.id));
         let exit = ExitWatch::pid(pid, cgroup).map_err(io(format!("watching pid {pid}")))?;
-        crate::console::reattach(&spec.run_dir)?;
-        let vm = QemuVm { pid, exit, qmp_path: cmdline::qmp_socket(spec) };
+        // A VM started by a daemon from before descriptors were handed over (an upgrade) has
+        // its socket in `vmm/` and writes its console itself; it gets the new layout at its next
+        // start or resume.
+        let legacy_qmp = spec.run_dir.join(LEGACY_VMM_DIR).join("qmp.sock");
+        let qmp_path = if legacy_qmp.exists() { legacy_qmp } else { cmdline::qmp_socket(spec) };
+        crate::logs::CONSOLE.reattach(&spec.run_dir)?;
+        crate::logs::VMM.reattach(&spec.run_dir)?;
+        let vm = QemuVm { pid, exit, qmp_path };
         let mut qmp = Qmp::connect(&vm.qmp_path).await?;
         qmp.execute("query-status", None).await?;
         Ok(Box::new(vm))

@@ -141,7 +141,7 @@ impl Qmp {
 
 /// A peer's text in an error message: a bounded piece of it.
 fn truncated(s: &str) -> &str {
-    crate::console::cut(s, 200)
+    crate::logs::cut(s, 200)
 }
 
 #[cfg(test)]
