@@ -10,6 +10,7 @@
 
 mod slack;
 mod telegram;
+mod waiting;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ pub use slack::verify_slack_signature;
 use crate::error::ApiError;
 use crate::manager::Manager;
 use crate::model::{AgentConfig, Channel, CreateSandbox, State};
+use waiting::Waiting;
 
 /// What an HTTP channel streams back (as server-sent events, `event:` = the variant).
 #[derive(Debug, Clone, Serialize)]
@@ -102,64 +104,12 @@ pub struct Relay {
     new_conversations: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// Messages that may wait at once, in all, per channel and per conversation; past that, new
-/// ones are refused with 429 (the platforms deliver them again later). One slow conversation
-/// fills only its own place.
-const MAX_WAITING: usize = 1000;
-const MAX_WAITING_PER_CHANNEL: usize = 200;
-const MAX_WAITING_PER_CONVERSATION: usize = 20;
 /// An agent's answer: text past this is dropped and the answer ends with an error.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Times a stored message is taken up again after restarts before it is given up on (its
 /// answer may be what ends the daemon).
 const MAX_RECOVERIES: u32 = 3;
 
-#[derive(Default)]
-struct Waiting {
-    total: usize,
-    by_channel: HashMap<String, usize>,
-    by_conversation: HashMap<(String, String), usize>,
-}
-
-impl Waiting {
-    fn full(&self, channel: &str, conversation: &str) -> Option<String> {
-        let in_channel = self.by_channel.get(channel).copied().unwrap_or(0);
-        let in_conversation =
-            self.by_conversation.get(&(channel.to_owned(), conversation.to_owned())).copied().unwrap_or(0);
-        if self.total >= MAX_WAITING {
-            Some(format!("{MAX_WAITING} messages are waiting already"))
-        } else if in_channel >= MAX_WAITING_PER_CHANNEL {
-            Some(format!("{MAX_WAITING_PER_CHANNEL} messages of channel {channel} are waiting already"))
-        } else if in_conversation >= MAX_WAITING_PER_CONVERSATION {
-            Some(format!("{MAX_WAITING_PER_CONVERSATION} messages of this conversation are waiting already"))
-        } else {
-            None
-        }
-    }
-
-    fn add(&mut self, channel: &str, conversation: &str) {
-        self.total += 1;
-        *self.by_channel.entry(channel.to_owned()).or_default() += 1;
-        *self.by_conversation.entry((channel.to_owned(), conversation.to_owned())).or_default() += 1;
-    }
-
-    fn remove(&mut self, channel: &str, conversation: &str) {
-        self.total = self.total.saturating_sub(1);
-        if let Some(n) = self.by_channel.get_mut(channel) {
-            *n -= 1;
-            if *n == 0 {
-                self.by_channel.remove(channel);
-            }
-        }
-        let key = (channel.to_owned(), conversation.to_owned());
-        if let Some(n) = self.by_conversation.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.by_conversation.remove(&key);
-            }
-        }
-    }
-}
 /// An HTTP client that reads nothing for this long is dropped: it must not stall the
 /// conversation's queue.
 const HTTP_CLIENT_STALL: Duration = Duration::from_secs(30);
