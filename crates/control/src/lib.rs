@@ -15,4 +15,3 @@ pub mod proxy;
 pub mod relay;
 pub mod server;
 pub mod store;
-pub mod text;

@@ -165,7 +165,8 @@ fn end_of(path: &Path, window: u64) -> Vec<u8> {
     bytes
 }
 
-/// `s` cut to at most `max` bytes, on a character boundary.
+/// `s` cut to at most `max` bytes, on a character boundary (for whatever text from outside is
+/// kept or shown: logs, agents' answers, error messages).
 pub fn cut(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -200,6 +201,13 @@ mod tests {
         assert_eq!(t.len(), TAIL_LINE_BYTES, "one line, cut");
         std::fs::write(CONSOLE.path(dir.path()), "boot\nok\npanic: here\n").unwrap();
         assert_eq!(CONSOLE.tail(dir.path(), 2), "ok\npanic: here");
+    }
+
+    #[test]
+    fn text_is_cut_on_a_character_boundary() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("hi", 10), "hi");
     }
 
     #[test]

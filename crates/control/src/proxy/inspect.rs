@@ -88,7 +88,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Seen, E> {
-        Ok(Seen::Str(crate::text::cut(v, KEPT).to_owned()))
+        Ok(Seen::Str(torpor_engine::logs::cut(v, KEPT).to_owned()))
     }
 
     fn visit_bool<E>(self, _: bool) -> Result<Seen, E> {

@@ -392,10 +392,10 @@ impl Relay {
                 agent_event::Kind::Text(t) => RelayEvent::Text { text: t.text },
                 agent_event::Kind::Tool(t) => RelayEvent::Tool { name: t.name, detail: t.detail },
                 agent_event::Kind::Error(e) => {
-                    return Err(format!("the agent failed: {}", crate::text::cut(&e.message, 4 << 10)))
+                    return Err(format!("the agent failed: {}", torpor_engine::logs::cut(&e.message, 4 << 10)))
                 }
                 agent_event::Kind::Done(mut d) => {
-                    d.text.truncate(crate::text::cut(&d.text, MAX_ANSWER_BYTES).len());
+                    d.text.truncate(torpor_engine::logs::cut(&d.text, MAX_ANSWER_BYTES).len());
                     let done = RelayEvent::Done {
                         text: d.text,
                         session: d.session,

@@ -98,7 +98,7 @@ impl Sink {
 /// Slack refuses messages past 40 000 characters: a longer reply is cut, and says so.
 fn cut(text: &str) -> String {
     const MAX_BYTES: usize = 39_000;
-    let kept = crate::text::cut(text, MAX_BYTES);
+    let kept = torpor_engine::logs::cut(text, MAX_BYTES);
     if kept.len() == text.len() {
         return text.to_owned();
     }

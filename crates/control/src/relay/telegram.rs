@@ -89,7 +89,7 @@ impl Sink {
         if text.len() <= room {
             self.text.push_str(text);
         } else if !self.text.ends_with(CUT_NOTE) {
-            self.text.push_str(crate::text::cut(text, room.saturating_sub(CUT_NOTE.len())));
+            self.text.push_str(torpor_engine::logs::cut(text, room.saturating_sub(CUT_NOTE.len())));
             self.text.push_str(CUT_NOTE);
         }
     }
