@@ -50,6 +50,31 @@ fn claim_slot() -> (u16, std::fs::File) {
     panic!("no free test slot (64 daemons running?)");
 }
 
+/// Removes what a test daemon killed in this slot before it could clean up left behind (its
+/// sandboxes' veths, namespaces and VM processes), so a run interrupted mid-test cannot fail
+/// the next one with "host address … is already on interface …". Only called with the slot's
+/// lock held: whatever holds addresses of this slot's pool then belongs to no live test.
+fn clear_leftovers(slot: u16) {
+    let pool_prefix = format!("10.{}.", 200 + slot);
+    let Ok(out) = Command::new("ip").args(["-j", "-4", "addr", "show"]).output() else { return };
+    let links: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    for link in links {
+        let Some(name) = link["ifname"].as_str() else { continue };
+        let in_pool = link["addr_info"]
+            .as_array()
+            .is_some_and(|addrs| addrs.iter().any(|a| a["local"].as_str().is_some_and(|ip| ip.starts_with(&pool_prefix))));
+        let Some(id) = name.strip_prefix("tv").filter(|_| in_pool) else { continue };
+        let process = format!("torpor-{id}");
+        eprintln!("test slot {slot}: removing leftovers of {id} (interface {name})");
+        let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/torpor/{process}/cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = Command::new("ip").args(["link", "del", name]).status();
+        let _ = Command::new("ip").args(["netns", "del", &process]).status();
+    }
+}
+
 pub struct Daemon {
     /// This daemon's slot: its port, address pool and lab internet derive from it.
     pub slot: u16,
@@ -91,6 +116,7 @@ impl Daemon {
     pub async fn start_with(opts: Options) -> Daemon {
         require_environment();
         let (slot, lock) = claim_slot();
+        clear_leftovers(slot);
         let home = tempfile::Builder::new().prefix("torpor-test-").tempdir().expect("temp home");
         let port = 17100 + slot;
         let internet = opts.internet_ttl.map(|ttl| torpor_lab::Internet::start(slot as u8, ttl).expect("lab internet"));
