@@ -18,7 +18,7 @@ echo "==> tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --all-targets ${TORPOR_TEST_THREADS:+-- --test-threads="$TORPOR_TEST_THREADS"} 2>&1 | tee "$log"
+cargo test --workspace --all-targets --no-fail-fast ${TORPOR_TEST_THREADS:+-- --test-threads="$TORPOR_TEST_THREADS"} 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo
