@@ -10,7 +10,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "==> building (release)"
 cargo build --release --workspace --quiet
-install -m 0755 target/release/torpor target/release/torpor-guest /usr/local/bin/
+install -m 0755 target/release/torpor target/release/torpor-bench target/release/torpor-guest /usr/local/bin/
 
 echo "==> guest image"
 torpor image build

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
 use serde_json::{json, Value};
-use torpor_control::model::{Sandbox, Usage};
+use torpor_api::{Sandbox, Usage};
 
-use crate::bench::{percentile, private_file, proc_kib};
-use crate::bench_network::BenchDaemon;
-use crate::client::Client;
-use crate::template::{Origin, TemplateFile};
+use crate::common::{percentile, private_file, proc_kib};
+use crate::daemon::BenchDaemon;
+use torpor_client::Client;
+use torpor_template::{Origin, TemplateFile};
 
 const POOL: &str = "10.196.0.0/16";
 const DEVTOOLS: &str = "curl -sf --max-time 2 http://127.0.0.1:9222/json/version";
@@ -59,7 +59,7 @@ pub async fn run(p: Params) -> Result<()> {
     let spec = TemplateFile::parse(origin.text())?;
     eprintln!("==> building the coder template (packages from the real registries: minutes)");
     let started = Instant::now();
-    crate::template::build(&client, "coder", &origin, &p.ca_certs).await.with_context(|| daemon.log())?;
+    torpor_template::build(&client, "coder", &origin, &p.ca_certs, &torpor_template::Quiet).await.map(drop).with_context(|| daemon.log())?;
     let build_s = started.elapsed().as_secs_f64();
 
     let (mut warm, mut cold) = (Vec::new(), Vec::new());
@@ -130,7 +130,7 @@ async fn cold_run(client: &Client, run: usize, spec: &TemplateFile) -> Result<Sa
         let started = Instant::now();
         let _: Value = client.json(Method::POST, &format!("/v1/sandboxes/{id}/start"), None::<&()>).await?;
         for process in &spec.processes {
-            crate::template::start_process(client, &id, process, &spec.env).await?;
+            torpor_template::start_process(client, &id, process, &spec.env).await?;
         }
         measure(client, &id, started, &format!("cold-{run}")).await
     }
@@ -141,7 +141,7 @@ async fn cold_run(client: &Client, run: usize, spec: &TemplateFile) -> Result<Sa
 
 async fn measure(client: &Client, id: &str, started: Instant, channel: &str) -> Result<Sample> {
     let deadline = Instant::now() + Duration::from_secs(300);
-    while crate::template::exec(client, id, crate::template::shell(DEVTOOLS)).await?.0 != Some(0) {
+    while torpor_template::exec(client, id, torpor_template::shell(DEVTOOLS)).await?.0 != Some(0) {
         if Instant::now() > deadline {
             bail!("Chromium's DevTools did not answer within 300 s in {id}");
         }

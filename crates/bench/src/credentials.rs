@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
 use serde::Deserialize;
-use torpor_control::model::{CreateSandbox, ExecEvent, ExecRequest, GitHubGrant, ModelGrant, NetworkPolicy, Sandbox};
+use torpor_api::{CreateSandbox, ExecEvent, ExecRequest, GitHubGrant, ModelGrant, NetworkPolicy, Sandbox};
 
-use crate::bench::{exec_true, percentile, private_file, resumes_logged};
-use crate::bench_network::BenchDaemon;
-use crate::client::Client;
+use crate::common::{exec_true, percentile, private_file, resumes_logged};
+use crate::daemon::BenchDaemon;
+use torpor_client::Client;
 
 const LAB: u8 = 101;
 const POOL: &str = "10.198.0.0/16";
@@ -111,7 +111,7 @@ pub async fn run(p: Params) -> Result<()> {
         github: Some(GitHubGrant { repositories: vec!["bench".into()], ..Default::default() }),
         models: Some(ModelGrant::default()),
         network: Some(NetworkPolicy {
-            mode: torpor_control::model::NetworkMode::Allowlist,
+            mode: torpor_api::NetworkMode::Allowlist,
             allow_domains: vec![],
             allow_cidrs: vec![format!("{models_host}/32:{MODELS_PORT}")],
         }),
@@ -124,7 +124,7 @@ pub async fn run(p: Params) -> Result<()> {
     let accel = sandbox.accelerator.clone();
     eprintln!("==> {} model calls each way, whole and streamed, {} words in and out", p.calls, p.words);
     let token_req = ExecRequest { argv: vec!["printenv".into(), "ANTHROPIC_API_KEY".into()], ..Default::default() };
-    let (token, _, _) = client.exec_collect(&sandbox.id, &token_req).await?;
+    let torpor_client::ExecOutput { stdout: token, .. } = client.exec(&sandbox.id, &token_req).await?;
     let token = String::from_utf8_lossy(&token).trim().to_owned();
     let argv = [
         "python3",
@@ -138,7 +138,7 @@ pub async fn run(p: Params) -> Result<()> {
         &p.words.to_string(),
     ];
     let req = ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() };
-    let (out, err, exit) = client.exec_collect(&sandbox.id, &req).await?;
+    let torpor_client::ExecOutput { stdout: out, stderr: err, exit } = client.exec(&sandbox.id, &req).await?;
     if !matches!(exit, ExecEvent::Exit { code: Some(0), .. }) {
         bail!("the probe failed in the guest ({exit:?}): {}", String::from_utf8_lossy(&err));
     }

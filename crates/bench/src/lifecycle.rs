@@ -4,10 +4,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
-use torpor_control::model::{CreateSandbox, Sandbox, Usage};
+use torpor_api::{CreateSandbox, Sandbox, Usage};
 
-use crate::bench::{exec_true, percentile};
-use crate::client::Client;
+use crate::common::{exec_true, percentile};
+use torpor_client::Client;
 
 /// Creates a sandbox (`memory: None` = the base template's size, a restore; `cold` = boot the
 /// image) and times create → first successful exec.
@@ -68,11 +68,10 @@ fn line(name: &str, s: &[f64], unit: &str) {
     );
 }
 
-pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) -> Result<()> {
+pub async fn run(client: &Client, n: usize, paused: usize) -> Result<()> {
     if n == 0 {
         bail!("--cycles must be at least 1");
     }
-    let client = Client::new(url, api_key)?;
     let (mut cold, mut restored) = (Vec::new(), Vec::new());
     for _ in 0..n.min(5) {
         let (s, ms) = create(&client, None, true).await?;
@@ -111,7 +110,7 @@ pub async fn run(n: usize, paused: usize, url: &str, api_key: Option<String>) ->
             let belongs =
                 cmdline.split(|b| *b == 0).any(|arg| ids.iter().any(|id| arg == format!("torpor-{id}").as_bytes()));
             if belongs {
-                qemu_rss_kib += crate::bench::proc_kib(pid, "status", "VmRSS").unwrap_or(0);
+                qemu_rss_kib += crate::common::proc_kib(pid, "status", "VmRSS").unwrap_or(0);
             }
         }
         Ok::<_, anyhow::Error>(())

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
-use torpor_control::model::{CreateSandbox, ExecRequest, Sandbox};
+use torpor_api::{CreateSandbox, ExecRequest, Sandbox};
 
-use crate::bench::proc_kib;
-use crate::bench_network::BenchDaemon;
-use crate::client::Client;
+use crate::common::proc_kib;
+use crate::daemon::BenchDaemon;
+use torpor_client::Client;
 
 const POOL: &str = "10.195.0.0/16";
 
@@ -73,9 +73,9 @@ fn cgroup_counters(id: &str) -> (f64, u64) {
 
 async fn shell(client: &Client, id: &str, script: &str) -> Result<String> {
     let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() };
-    let (out, err, exit) = client.exec_collect(id, &req).await?;
+    let torpor_client::ExecOutput { stdout: out, stderr: err, exit } = client.exec(id, &req).await?;
     match exit {
-        torpor_control::model::ExecEvent::Exit { code: Some(0), .. } => Ok(String::from_utf8_lossy(&out).trim().into()),
+        torpor_api::ExecEvent::Exit { code: Some(0), .. } => Ok(String::from_utf8_lossy(&out).trim().into()),
         other => bail!("`{script}` failed in {id}: {other:?}: {}", String::from_utf8_lossy(&err)),
     }
 }

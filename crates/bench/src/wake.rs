@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::bench::{percentile, private_file, resumes_logged};
-use crate::bench_network::BenchDaemon;
+use crate::common::{percentile, private_file, resumes_logged};
+use crate::daemon::BenchDaemon;
 
 const POOL: &str = "10.197.0.0/16";
 const BOT_TOKEN: &str = "1:bench";

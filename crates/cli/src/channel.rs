@@ -6,12 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use futures::StreamExt;
-use reqwest::Method;
-use serde_json::Value;
-use torpor_control::model::{ChannelKind, ChannelMessage, CreateChannel, SlackSecrets, TelegramSecrets};
+use torpor_api::{ChannelKind, ChannelMessage, CreateChannel, RelayEvent, SlackSecrets, TelegramSecrets};
 
-use crate::client::Client;
 
 #[derive(Subcommand)]
 pub enum ChannelCommand {
@@ -72,7 +68,7 @@ pub enum ChannelCommand {
 }
 
 pub async fn run(cmd: ChannelCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
-    let client = Client::new(url, api_key)?;
+    let client = crate::client::connect(url, api_key)?;
     match cmd {
         ChannelCommand::Create {
             name,
@@ -116,72 +112,58 @@ pub async fn run(cmd: ChannelCommand, url: &str, api_key: Option<String>) -> Res
                 telegram,
                 slack,
             };
-            let channel: Value = client.json(Method::POST, "/v1/channels", Some(&spec)).await?;
-            println!("{} created; messages go to {}", spec.name, channel["webhook_path"].as_str().unwrap_or("?"));
+            let channel = client.create_channel(&spec).await?;
+            println!("{} created; messages go to {}", spec.name, channel.webhook_path);
         }
         ChannelCommand::List { json } => {
-            let list: Value = client.json(Method::GET, "/v1/channels", None::<&()>).await?;
+            let channels = client.channels().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list["channels"])?);
+                println!("{}", serde_json::to_string_pretty(&channels)?);
             } else {
                 println!("{:<20} {:<9} {:<28} {:<12} WEBHOOK", "NAME", "KIND", "SANDBOX / TEMPLATE", "AGENT");
-                for c in list["channels"].as_array().into_iter().flatten() {
-                    let target = c["sandbox"]
-                        .as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| format!("template {}", c["template"].as_str().unwrap_or("base")));
+                for c in &channels {
+                    let target = c.spec.sandbox.clone().unwrap_or_else(|| {
+                        format!("template {}", c.spec.template.as_deref().unwrap_or(torpor_api::BASE_TEMPLATE))
+                    });
                     println!(
                         "{:<20} {:<9} {:<28} {:<12} {}",
-                        c["name"].as_str().unwrap_or(""),
-                        c["kind"].as_str().unwrap_or(""),
+                        c.spec.name,
+                        c.spec.kind.as_str(),
                         target,
-                        c["agent"]["adapter"].as_str().unwrap_or("(template's)"),
-                        c["webhook_path"].as_str().unwrap_or("")
+                        c.spec.agent.as_ref().map_or("(template's)", |a| a.adapter.as_str()),
+                        c.webhook_path
                     );
                 }
             }
         }
         ChannelCommand::Rm { name } => {
-            client.send(client.request(Method::DELETE, &format!("/v1/channels/{name}"))).await?;
+            client.delete_channel(&name).await?;
             println!("{name} removed");
         }
         ChannelCommand::Send { name, text, conversation, idempotency_key } => {
             let msg = ChannelMessage { conversation: Some(conversation), text, idempotency_key };
-            let resp =
-                client.send(client.request(Method::POST, &format!("/v1/channels/{name}/messages")).json(&msg)).await?;
-            return print_reply(resp).await;
+            return print_reply(client.send_message(&name, &msg).await?).await;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Prints text as it streams, tool activity and waking on stderr; fails on an `error` event.
-async fn print_reply(resp: reqwest::Response) -> Result<ExitCode> {
-    let mut buffer = String::new();
-    let mut stream = resp.bytes_stream();
+async fn print_reply(mut reply: torpor_client::RelayStream) -> Result<ExitCode> {
     let mut stdout = std::io::stdout();
-    while let Some(chunk) = stream.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else { continue };
-            let event: Value = serde_json::from_str(data.trim())?;
-            match event["type"].as_str() {
-                Some("waking") => eprintln!("(waking sandbox {})", event["sandbox"].as_str().unwrap_or("?")),
-                Some("text") => {
-                    print!("{}", event["text"].as_str().unwrap_or(""));
-                    stdout.flush()?;
-                }
-                Some("tool") => {
-                    eprintln!("[{}] {}", event["name"].as_str().unwrap_or(""), event["detail"].as_str().unwrap_or(""))
-                }
-                Some("done") => {
-                    println!();
-                    return Ok(ExitCode::SUCCESS);
-                }
-                Some("error") => bail!("{}", event["message"].as_str().unwrap_or("the agent failed")),
-                _ => {}
+    while let Some(event) = reply.next().await? {
+        match event {
+            RelayEvent::Waking { sandbox } => eprintln!("(waking sandbox {sandbox})"),
+            RelayEvent::Text { text } => {
+                print!("{text}");
+                stdout.flush()?;
             }
+            RelayEvent::Tool { name, detail } => eprintln!("[{name}] {detail}"),
+            RelayEvent::Done { .. } => {
+                println!();
+                return Ok(ExitCode::SUCCESS);
+            }
+            RelayEvent::Error { message } => bail!("{message}"),
         }
     }
     bail!("the reply ended without finishing")

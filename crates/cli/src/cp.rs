@@ -18,7 +18,7 @@ pub enum Endpoint {
 
 pub fn parse(arg: &str) -> Endpoint {
     match arg.split_once(':') {
-        Some((id, path)) if torpor_control::model::is_valid_sandbox_id(id) => {
+        Some((id, path)) if torpor_api::is_valid_sandbox_id(id) => {
             Endpoint::Guest { id: id.to_owned(), path: path.to_owned() }
         }
         _ => Endpoint::Local(PathBuf::from(arg)),
@@ -116,7 +116,7 @@ mod tests {
     #[tokio::test]
     async fn a_copy_out_never_gets_setuid_or_world_writable_bits() {
         use std::os::unix::fs::PermissionsExt;
-        let client = Client::new(&serve_hostile_file().await, Some("key".into())).unwrap();
+        let client = Client::new(&serve_hostile_file().await, "key");
         let dir = tempfile::tempdir().unwrap();
         let dst = dir.path().join("report.txt");
         // SAFETY: the conventional mask, set for this test process.

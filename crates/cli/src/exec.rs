@@ -4,40 +4,18 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use torpor_control::model::{ExecClientMessage, ExecEvent, ExecRequest};
-
-use crate::client::Client;
+use torpor_api::{ExecEvent, ExecRequest};
+use torpor_client::{Client, ExecSession};
 
 /// Exit code for failures of Torpor itself (not of the command), as `docker exec` uses.
 const TORPOR_FAILURE: u8 = 125;
 
 pub async fn interactive(client: &Client, id: &str, req: &ExecRequest) -> Result<ExitCode> {
-    let ws_url = format!("{}/v1/sandboxes/{id}/exec/ws", client.base.replacen("http", "ws", 1));
-    let mut request = ws_url.into_client_request().context("building the WebSocket request")?;
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {}", client.api_key).parse().context("API key is not valid ASCII")?);
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| match e {
-        // The API refused the upgrade: show its explanation, not just the status line.
-        tokio_tungstenite::tungstenite::Error::Http(resp) => {
-            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| body.into_owned());
-            anyhow!("{message} ({})", resp.status().as_u16())
-        }
-        other => anyhow!("opening the exec session: {other}"),
-    })?;
-    let (mut sink, mut stream) = ws.split();
-    sink.send(Message::Text(serde_json::to_string(req)?.into())).await?;
+    let ExecSession { mut input, mut events } = client.exec_session(id, req).await?;
 
     let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(8);
     tokio::spawn(async move {
@@ -61,49 +39,40 @@ pub async fn interactive(client: &Client, id: &str, req: &ExecRequest) -> Result
     let mut stdin_open = true;
     loop {
         tokio::select! {
-            msg = stream.next() => {
-                let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(_))) | None => bail!("the exec session closed without an exit status"),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => bail!("exec session: {e}"),
-                };
-                match serde_json::from_str::<ExecEvent>(&text).context("decoding an exec event")? {
-                    ExecEvent::Started { .. } => {}
-                    ExecEvent::Stdout { data } => {
+            event = events.next() => {
+                match event? {
+                    None => bail!("the exec session closed without an exit status"),
+                    Some(ExecEvent::Started { .. }) => {}
+                    Some(ExecEvent::Stdout { data }) => {
                         let mut out = std::io::stdout().lock();
                         out.write_all(&B64.decode(data)?)?;
                         out.flush()?;
                     }
-                    ExecEvent::Stderr { data } => {
+                    Some(ExecEvent::Stderr { data }) => {
                         let mut err = std::io::stderr().lock();
                         err.write_all(&B64.decode(data)?)?;
                         err.flush()?;
                     }
-                    ExecEvent::Exit { code, signal, timed_out } => {
-                        let _ = sink.close().await;
+                    Some(ExecEvent::Exit { code, signal, timed_out }) => {
+                        input.close().await;
                         return Ok(ExitCode::from(exit_code(code, signal, timed_out)));
                     }
-                    ExecEvent::Error { message } => {
+                    Some(ExecEvent::Error { message }) => {
                         eprintln!("error: {message}");
                         return Ok(ExitCode::from(TORPOR_FAILURE));
                     }
                 }
             }
             chunk = stdin_rx.recv(), if stdin_open => {
-                let msg = match chunk.flatten() {
-                    Some(data) => ExecClientMessage::Stdin { data: B64.encode(data) },
+                match chunk.flatten() {
+                    Some(data) => input.stdin(&data).await?,
                     None => {
                         stdin_open = false;
-                        ExecClientMessage::StdinEof
+                        input.close_stdin().await?;
                     }
-                };
-                sink.send(Message::Text(serde_json::to_string(&msg)?.into())).await?;
+                }
             }
-            _ = tokio::signal::ctrl_c() => {
-                let msg = ExecClientMessage::Signal { signal: libc::SIGINT };
-                sink.send(Message::Text(serde_json::to_string(&msg)?.into())).await?;
-            }
+            _ = tokio::signal::ctrl_c() => input.signal(libc::SIGINT).await?,
         }
     }
 }

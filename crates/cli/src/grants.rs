@@ -3,8 +3,8 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use torpor_control::config::ModelFlavour;
-use torpor_control::model::{AgentConfig, GitHubGrant, ModelGrant};
+use torpor_api::ModelFlavour;
+use torpor_api::{AgentConfig, GitHubGrant, ModelGrant};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct GrantArgs {

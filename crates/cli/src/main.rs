@@ -1,12 +1,6 @@
 //! `torpor`: the daemon (`torpor server`) and the command-line client for everything else.
 
 mod bench;
-mod bench_coder;
-mod bench_credentials;
-mod bench_lifecycle;
-mod bench_network;
-mod bench_soak;
-mod bench_wake;
 mod channel;
 mod client;
 mod cp;
@@ -71,9 +65,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         wait: u64,
     },
-    /// Measure performance against a running daemon.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Measure performance: runs `torpor-bench` (installed next to `torpor`); `torpor bench
+    /// --help` lists the benchmarks.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,7 +94,7 @@ fn main() -> ExitCode {
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, api_key).await,
             Command::Channel(cmd) => channel::run(cmd, &cli.url, api_key).await,
             Command::Template(cmd) => template::run(cmd, &cli.url, api_key).await.map(|_| ExitCode::SUCCESS),
-            Command::Bench(cmd) => bench::run(cmd, &cli.url, api_key).await.map(|_| ExitCode::SUCCESS),
+            Command::Bench { args } => Err(bench::run(&args, &cli.url, cli.api_key_file.as_deref())),
         }
     });
     match result {

@@ -2,8 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use reqwest::Method;
-use torpor_control::model::{NetworkMode, NetworkPolicy, NetworkStatus};
+use torpor_api::{NetworkMode, NetworkPolicy};
 
 use crate::client::Client;
 
@@ -58,15 +57,11 @@ pub enum NetworkCommand {
 pub async fn run(cmd: NetworkCommand, client: &Client) -> Result<()> {
     let (status, json) = match cmd {
         NetworkCommand::Get { id, json } => {
-            let status: NetworkStatus =
-                client.json(Method::GET, &format!("/v1/sandboxes/{id}/network"), None::<&()>).await?;
-            (status, json)
+            (client.network(&id).await?, json)
         }
         NetworkCommand::Set { id, policy, json } => {
             let policy = policy.policy()?.unwrap_or_default();
-            let status: NetworkStatus =
-                client.json(Method::PUT, &format!("/v1/sandboxes/{id}/network"), Some(&policy)).await?;
-            (status, json)
+            (client.set_network(&id, &policy).await?, json)
         }
     };
     if json {

@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use reqwest::Method;
-use torpor_control::model::{CreateSandbox, Sandbox};
+use torpor_api::{CreateSandbox, Sandbox};
 
-use crate::client::Client;
 use crate::network::{NetworkCommand, PolicyArgs};
 
 #[derive(Subcommand)]
@@ -121,7 +120,7 @@ pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 }
 
 pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
-    let client = Client::new(url, api_key)?;
+    let client = crate::client::connect(url, api_key)?;
     match cmd {
         SandboxCommand::Create {
             template,
@@ -150,7 +149,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
                 disk_mib: disk,
                 secrets: (!secret.is_empty()).then_some(secret),
             };
-            let sandbox: Sandbox = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;
+            let sandbox = client.create_sandbox(&req).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sandbox)?);
             } else {
@@ -158,8 +157,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
             }
         }
         SandboxCommand::List { json } => {
-            let list: serde_json::Value = client.json(Method::GET, "/v1/sandboxes", None::<&()>).await?;
-            let sandboxes: Vec<Sandbox> = serde_json::from_value(list["sandboxes"].clone())?;
+            let sandboxes = client.sandboxes().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sandboxes)?);
             } else {
@@ -186,7 +184,7 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
             }
         }
         SandboxCommand::Exec { id, env, cwd, user, timeout, command } => {
-            let req = torpor_control::model::ExecRequest {
+            let req = torpor_api::ExecRequest {
                 argv: command,
                 env: parse_env(&env)?,
                 cwd,
@@ -198,13 +196,13 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
         }
         SandboxCommand::Cp { src, dst } => crate::cp::run(&client, &src, &dst).await?,
         SandboxCommand::Stop { id } => {
-            let s: Sandbox = client.json(Method::POST, &format!("/v1/sandboxes/{id}/stop"), None::<&()>).await?;
+            let s = client.stop(&id).await?;
             println!("{} {}", s.id, s.state);
         }
-        SandboxCommand::Pause { id } => lifecycle(&client, &id, "pause").await?,
-        SandboxCommand::Resume { id } => lifecycle(&client, &id, "resume").await?,
-        SandboxCommand::Connect { id } => lifecycle(&client, &id, "connect").await?,
-        SandboxCommand::Start { id } => lifecycle(&client, &id, "start").await?,
+        SandboxCommand::Pause { id } => print_state(&client.pause(&id).await?),
+        SandboxCommand::Resume { id } => print_state(&client.resume(&id).await?),
+        SandboxCommand::Connect { id } => print_state(&client.connect(&id).await?),
+        SandboxCommand::Start { id } => print_state(&client.start(&id).await?),
         SandboxCommand::Agent { id, cancel: Some(conversation) } => {
             let body = serde_json::json!({ "conversation": conversation });
             let answer: serde_json::Value =
@@ -216,22 +214,20 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
             }
         }
         SandboxCommand::Agent { id, cancel: None } => {
-            let status: serde_json::Value =
-                client.json(Method::GET, &format!("/v1/sandboxes/{id}/agent"), None::<&()>).await?;
+            let status = client.agent(&id).await?;
             println!("{:<40} {:>6} {:<6} SESSION", "CONVERSATION", "TURNS", "BUSY");
-            for c in status["conversations"].as_array().into_iter().flatten() {
+            for c in status.conversations {
                 println!(
                     "{:<40} {:>6} {:<6} {}",
-                    c["conversation"].as_str().unwrap_or(""),
-                    c["turns"].as_u64().unwrap_or(0),
-                    if c["busy"] == true { "yes" } else { "no" },
-                    c["session"].as_str().unwrap_or("")
+                    c.conversation,
+                    c.turns,
+                    if c.busy { "yes" } else { "no" },
+                    c.session
                 );
             }
         }
         SandboxCommand::Usage { id, json } => {
-            let u: torpor_control::model::Usage =
-                client.json(Method::GET, &format!("/v1/sandboxes/{id}/usage"), None::<&()>).await?;
+            let u = client.usage(&id).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&u)?);
             } else {
@@ -250,17 +246,15 @@ pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Res
         }
         SandboxCommand::Network(cmd) => crate::network::run(cmd, &client).await?,
         SandboxCommand::Rm { id } => {
-            client.send(client.request(Method::DELETE, &format!("/v1/sandboxes/{id}"))).await?;
+            client.delete_sandbox(&id).await?;
             println!("{id} removed");
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn lifecycle(client: &Client, id: &str, action: &str) -> Result<()> {
-    let s: Sandbox = client.json(Method::POST, &format!("/v1/sandboxes/{id}/{action}"), None::<&()>).await?;
+fn print_state(s: &Sandbox) {
     println!("{} {}", s.id, s.state);
-    Ok(())
 }
 
 fn print_sandbox(s: &Sandbox) {

@@ -188,7 +188,7 @@ async fn a_guest_that_never_becomes_healthy_fails_create_and_leaves_nothing() {
     assert!(text.contains("did not become healthy"), "{text}");
     assert!(text.contains("torpor-initramfs: starting /bin/sleep"), "console tail missing: {text}");
     let id = text.split_whitespace().nth(1).unwrap().to_owned();
-    assert!(torpor_control::model::is_valid_sandbox_id(&id), "{text}");
+    assert!(torpor_api::is_valid_sandbox_id(&id), "{text}");
     assert!(d.list_ids().await.is_empty());
     assert_nothing_left(&d, &id, false);
 }

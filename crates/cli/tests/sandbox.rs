@@ -148,7 +148,7 @@ async fn cli_create_exec_cp_stop_rm() {
     let out = d.cli(&["sandbox", "create", "--vcpus", "1", "--memory", "384", "--env", "A=b"], b"");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert!(torpor_control::model::is_valid_sandbox_id(&id), "{id}");
+    assert!(torpor_api::is_valid_sandbox_id(&id), "{id}");
 
     // exec mirrors the exit code and output, and forwards stdin.
     let out = d.cli(&["sandbox", "exec", &id, "--", "sh", "-c", "tr a-z A-Z; echo $A >&2; exit 42"], b"hello stdin");

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use torpor_api::ModelFlavour;
 use serde::Deserialize;
 use torpor_engine::AccelPreference;
 use torpor_net::AddressPool;
@@ -126,25 +127,6 @@ impl GitHubApp {
         let host = reqwest::Url::parse(&self.api_url).ok().and_then(|u| u.host_str().map(str::to_owned));
         let host = host.unwrap_or_default();
         host.strip_prefix("api.").map(str::to_owned).unwrap_or(host)
-    }
-}
-
-/// The wire format a model upstream speaks, which is also the name of its endpoint in the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelFlavour {
-    /// The Anthropic Messages API.
-    Anthropic,
-    /// The OpenAI API (chat completions, responses, …).
-    Openai,
-}
-
-impl ModelFlavour {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Anthropic => "anthropic",
-            Self::Openai => "openai",
-        }
     }
 }
 
@@ -366,6 +348,15 @@ impl Config {
 
     pub fn sandboxes_dir(&self) -> PathBuf {
         self.data_dir.join("sandboxes")
+    }
+
+    /// What the engine is opened with.
+    pub fn engine(&self) -> torpor_engine::EngineConfig {
+        torpor_engine::EngineConfig {
+            qemu: self.qemu.clone(),
+            accel: self.accel,
+            tcg_code_cache_mib: self.tcg_code_cache_mib,
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GitHubApp;
-use crate::model::GitHubGrant;
+use torpor_api::GitHubGrant;
 
 /// GitHub refuses app JWTs that live longer than ten minutes; a minute of slack either side
 /// absorbs clock skew between this host and GitHub.

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::manager::Manager;
-use crate::model::{NetworkStatus, Sandbox, Usage};
+use torpor_api::{NetworkStatus, Sandbox, Usage};
 
 /// Marks requests that arrived on a sandbox's own endpoint, inside its namespace.
 #[derive(Clone)]
@@ -122,8 +122,8 @@ async fn own_network(
     Ok(Json(manager.network(&own).await?))
 }
 
-async fn health(State(manager): State<Arc<Manager>>) -> Json<crate::api::Health> {
-    Json(crate::api::Health::of(&manager))
+async fn health(State(manager): State<Arc<Manager>>) -> Json<torpor_api::Health> {
+    Json(crate::api::health_of(&manager))
 }
 
 async fn jwks(State(manager): State<Arc<Manager>>) -> Json<jsonwebtoken::jwk::JwkSet> {

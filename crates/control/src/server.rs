@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use torpor_engine::{choose_accel, Engine, HostVirt};
 
 use crate::api::{router, AppState};
 use crate::config::Config;
@@ -45,16 +44,14 @@ pub async fn run(
         .map_err(|e| ServerError::Setup(format!("API key in {}: {e}", cfg.data_dir.display())))?;
     let store = Store::open(&cfg.data_dir.join("torpor.db")).await?;
 
-    let (qemu, accel, code_cache) = (cfg.qemu.clone(), cfg.accel, cfg.tcg_code_cache_mib);
+    let engine_cfg = cfg.engine();
     let warned = std::sync::Once::new();
     let engine: crate::manager::Probe = Box::new(move || {
-        let choice = choose_accel(accel, HostVirt::probe()).map_err(|e| e.to_string())?;
-        if let Some(warning) = &choice.warning {
+        let (engine, warning) = torpor_engine::open(&engine_cfg).map_err(|e| e.to_string())?;
+        if let Some(warning) = &warning {
             warned.call_once(|| tracing::warn!("{warning}"));
         }
-        let engine =
-            torpor_engine::qemu::QemuEngine::new(&qemu, choice.accel, code_cache).map_err(|e| e.to_string())?;
-        Ok(Arc::new(engine) as Arc<dyn Engine>)
+        Ok(engine)
     });
     if let Err(e) = torpor_image::ImageStore::new(&cfg.image_dir).current("base") {
         tracing::error!("sandboxes cannot start: {e}");

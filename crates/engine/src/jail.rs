@@ -201,100 +201,104 @@ impl Plan {
     /// # Safety
     /// Must only be called between `fork` and `exec` (from `Command::pre_exec`).
     pub unsafe fn enter(&self) -> std::io::Result<()> {
-        // Its own session: signals aimed at the daemon's terminal or group never reach it, so
-        // sandboxes outlive a daemon restart.
-        check(libc::setsid())?;
-        check(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC))?;
-        match check(libc::fork())? {
-            0 => {}
-            qemu => {
-                // The intermediate: report QEMU's pid and go. QEMU is reparented to the daemon.
-                let bytes = (qemu as u32).to_ne_bytes();
-                libc::write(self.pid_pipe_write.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
-                libc::_exit(0);
-            }
-        }
-        for fd in &self.cgroup_procs {
-            if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        for fd in &self.handed {
-            check(libc::fcntl(*fd, libc::F_SETFD, 0))?;
-        }
-        // The daemon's umask (077) would make the jail's directories untraversable by the VM.
-        libc::umask(0o022);
-        check(libc::mount(
-            c"none".as_ptr(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ))?;
-        check(libc::mount(
-            c"tmpfs".as_ptr(),
-            self.root.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID,
-            c"mode=0755,size=1m".as_ptr().cast(),
-        ))?;
-        for op in &self.ops {
-            match op {
-                Op::Mkdir(dir) => {
-                    if libc::mkdir(dir.as_ptr(), 0o755) != 0 && *libc::__errno_location() != libc::EEXIST {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Op::Symlink { target, link } => {
-                    check(libc::symlink(target.as_ptr(), link.as_ptr()))?;
-                }
-                Op::Touch(file) => {
-                    let fd = check(libc::open(file.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644))?;
-                    libc::close(fd);
-                }
-                Op::Device { path, rdev, mode, owner } => {
-                    check(libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, *rdev))?;
-                    // mknod honours the umask; the mode must be exact.
-                    check(libc::chmod(path.as_ptr(), *mode))?;
-                    if let Some(uid) = owner {
-                        check(libc::chown(path.as_ptr(), *uid, *uid))?;
-                    }
-                }
-                Op::Bind { src, dst, read_only } => {
-                    check(libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))?;
-                    if *read_only {
-                        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID;
-                        check(libc::mount(std::ptr::null(), dst.as_ptr(), std::ptr::null(), flags, std::ptr::null()))?;
-                    }
+        // SAFETY: plain system calls on memory prepared before the fork (see the module header),
+        // made between fork and exec as the caller guarantees.
+        unsafe {
+            // Its own session: signals aimed at the daemon's terminal or group never reach it, so
+            // sandboxes outlive a daemon restart.
+            check(libc::setsid())?;
+            check(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC))?;
+            match check(libc::fork())? {
+                0 => {}
+                qemu => {
+                    // The intermediate: report QEMU's pid and go. QEMU is reparented to the daemon.
+                    let bytes = (qemu as u32).to_ne_bytes();
+                    libc::write(self.pid_pipe_write.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+                    libc::_exit(0);
                 }
             }
-        }
-        let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        check(libc::mount(c"proc".as_ptr(), self.proc_dir.as_ptr(), c"proc".as_ptr(), proc_flags, std::ptr::null()))?;
-        // pivot_root(".", "."), then detach the old root stacked under the new one.
-        check(libc::chdir(self.root.as_ptr()))?;
-        check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
-        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
-        check(libc::chdir(self.workdir.as_ptr()))?;
+            for fd in &self.cgroup_procs {
+                if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for fd in &self.handed {
+                check(libc::fcntl(*fd, libc::F_SETFD, 0))?;
+            }
+            // The daemon's umask (077) would make the jail's directories untraversable by the VM.
+            libc::umask(0o022);
+            check(libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                c"tmpfs".as_ptr(),
+                self.root.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID,
+                c"mode=0755,size=1m".as_ptr().cast(),
+            ))?;
+            for op in &self.ops {
+                match op {
+                    Op::Mkdir(dir) => {
+                        if libc::mkdir(dir.as_ptr(), 0o755) != 0 && *libc::__errno_location() != libc::EEXIST {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Op::Symlink { target, link } => {
+                        check(libc::symlink(target.as_ptr(), link.as_ptr()))?;
+                    }
+                    Op::Touch(file) => {
+                        let fd = check(libc::open(file.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644))?;
+                        libc::close(fd);
+                    }
+                    Op::Device { path, rdev, mode, owner } => {
+                        check(libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, *rdev))?;
+                        // mknod honours the umask; the mode must be exact.
+                        check(libc::chmod(path.as_ptr(), *mode))?;
+                        if let Some(uid) = owner {
+                            check(libc::chown(path.as_ptr(), *uid, *uid))?;
+                        }
+                    }
+                    Op::Bind { src, dst, read_only } => {
+                        check(libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))?;
+                        if *read_only {
+                            let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID;
+                            check(libc::mount(std::ptr::null(), dst.as_ptr(), std::ptr::null(), flags, std::ptr::null()))?;
+                        }
+                    }
+                }
+            }
+            let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            check(libc::mount(c"proc".as_ptr(), self.proc_dir.as_ptr(), c"proc".as_ptr(), proc_flags, std::ptr::null()))?;
+            // pivot_root(".", "."), then detach the old root stacked under the new one.
+            check(libc::chdir(self.root.as_ptr()))?;
+            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+            check(libc::chdir(self.workdir.as_ptr()))?;
 
-        let limit = libc::rlimit { rlim_cur: self.max_file_bytes, rlim_max: self.max_file_bytes };
-        check(libc::setrlimit(libc::RLIMIT_FSIZE, &limit))?;
-        // Past the limit a write fails with EFBIG (an I/O error in the guest) instead of
-        // killing the VM.
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: self.max_file_bytes, rlim_max: self.max_file_bytes };
+            check(libc::setrlimit(libc::RLIMIT_FSIZE, &limit))?;
+            // Past the limit a write fails with EFBIG (an I/O error in the guest) instead of
+            // killing the VM.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
 
-        for cap in 0..64 {
-            // EINVAL past the last capability this kernel knows.
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && *libc::__errno_location() != libc::EINVAL {
-                return Err(std::io::Error::last_os_error());
+            for cap in 0..64 {
+                // EINVAL past the last capability this kernel knows.
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && *libc::__errno_location() != libc::EINVAL {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
+            check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
+            check(libc::setresgid(self.gid, self.gid, self.gid))?;
+            // Leaving uid 0 clears the permitted, effective and ambient capability sets.
+            check(libc::setresuid(self.uid, self.uid, self.uid))?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            Ok(())
         }
-        check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
-        check(libc::setresgid(self.gid, self.gid, self.gid))?;
-        // Leaving uid 0 clears the permitted, effective and ambient capability sets.
-        check(libc::setresuid(self.uid, self.uid, self.uid))?;
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-        Ok(())
     }
 }
 

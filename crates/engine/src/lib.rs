@@ -1,6 +1,9 @@
-//! The microVM engine. Everything backend-specific (QEMU command lines, QMP, process handling)
-//! stays behind [`Engine`] and [`Vm`]; the control plane only sees [`VmSpec`] and [`VmExit`], so a
-//! Firecracker backend can slot in later without touching it.
+//! The microVM engine. Everything backend-specific (command lines, control sockets, process
+//! handling, how disks are layered, how guest RAM and the device state are kept, which files a
+//! snapshot or a template is made of) stays behind [`Engine`] and [`Vm`]. The control plane
+//! opens an engine with [`open`] and only sees [`VmSpec`], [`VmExit`], [`Capabilities`] and
+//! directories it hands over; which backend runs is decided here, so a Firecracker backend
+//! slots in beside `qemu/` without touching the control plane.
 
 mod accel;
 pub mod cgroup;
@@ -16,7 +19,8 @@ pub use cgroup::Limits;
 pub use jail::JailSpec;
 pub use snapshot::{SnapshotError, SnapshotMeta};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -33,6 +37,8 @@ pub enum EngineError {
     KvmUnavailable(String),
     #[error("creating the sandbox disk failed: {0}")]
     Disk(String),
+    #[error("making template {dir}: {reason}")]
+    Template { dir: PathBuf, reason: String },
     #[error("starting the VM process failed")]
     Spawn(#[source] std::io::Error),
     #[error("the VM process exited during start-up: {0}")]
@@ -61,6 +67,25 @@ pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> E
     move |source| EngineError::Io { context, source }
 }
 
+/// What a sandbox's disk starts as. The sandbox writes to a copy-on-write layer over it, which
+/// the engine creates (and lays out as it likes) in the run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseDisk {
+    /// A guest image's root filesystem (raw, read-only).
+    Image(PathBuf),
+    /// The disk of a template made by [`Engine::capture_template`] in this directory.
+    Template(PathBuf),
+}
+
+/// Which snapshot [`Engine::restore`] boots from.
+#[derive(Debug, Clone, Copy)]
+pub enum SnapshotSource<'a> {
+    /// The sandbox's own, in its run directory; consumed by the restore.
+    Own,
+    /// A template's, made by [`Engine::capture_template`] in this directory; only read.
+    Template(&'a Path),
+}
+
 /// Everything needed to boot one sandbox. Paths are absolute; `run_dir` belongs to this sandbox.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -69,10 +94,7 @@ pub struct VmSpec {
     pub memory_mib: u32,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    /// Read-only base disk; the sandbox writes to a copy-on-write layer over it.
-    pub base_disk: PathBuf,
-    /// Format of `base_disk`: `raw` for an image, `qcow2` for a template's disk layer.
-    pub base_disk_format: &'static str,
+    pub base_disk: BaseDisk,
 
     pub run_dir: PathBuf,
     /// Network namespace the VM process runs in, and the tap device it opens there.
@@ -89,10 +111,50 @@ pub struct VmSpec {
     pub limits: Limits,
 }
 
-impl VmSpec {
-    pub fn disk(&self) -> PathBuf {
-        self.run_dir.join("disk.qcow2")
+/// What differs between backends, for the control plane to ask rather than assume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Runs only with hardware virtualisation (no software emulation).
+    pub kvm_only: bool,
+    /// Guest RAM lives in a file in the run directory while the VM runs, so a pause writes no
+    /// RAM and a paused sandbox stores exactly the pages its guest touched.
+    pub shared_ram_file: bool,
+    /// Clones of a template share its disk blocks until they write them.
+    pub cow_disks: bool,
+}
+
+/// How to open the engine: the backend and its settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The QEMU executable (a name is looked up on `PATH`).
+    pub qemu: String,
+    pub accel: AccelPreference,
+    /// Under TCG, QEMU's translated-code cache (see `qemu::cmdline`).
+    pub tcg_code_cache_mib: u32,
+}
+
+/// An engine for this host, and a line for the operator if it had to settle for less than
+/// asked (`auto` finding no usable KVM). The backend is chosen here: QEMU today.
+pub fn open(cfg: &EngineConfig) -> Result<(Arc<dyn Engine>, Option<String>), EngineError> {
+    let choice = choose_accel(cfg.accel, HostVirt::probe())?;
+    become_subreaper();
+    let engine = qemu::QemuEngine::new(&cfg.qemu, choice.accel, cfg.tcg_code_cache_mib)?;
+    Ok((Arc::new(engine), choice.warning))
+}
+
+/// A jailed VM's parent is an intermediate process that exits at once; as a subreaper the
+/// daemon inherits the VM, and so can reap it and learn how it ended, whatever the backend.
+fn become_subreaper() {
+    // SAFETY: prctl with these arguments only sets a flag on this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        tracing::warn!("cannot become a child subreaper: exits of jailed VMs will lack their status");
     }
+}
+
+/// Kills every VM process of sandbox `id` whatever backend started it, without an engine (its
+/// binary may have been uninstalled since the VM started). Returns how many it killed.
+pub async fn kill_stale_vms(id: &str) -> usize {
+    qemu::kill_stale_vms(id).await
 }
 
 /// Why a VM process is gone.
@@ -105,19 +167,25 @@ pub struct VmExit {
 pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     fn accel(&self) -> Accel;
+    fn capabilities(&self) -> Capabilities;
     /// Memory each VM process needs on top of the guest's RAM and the configured VMM overhead
     /// (under TCG, QEMU's translated-code cache), in MiB: part of its cgroup's limit.
     fn extra_memory_mib(&self) -> u32;
-    /// Creates the sandbox's copy-on-write disk unless it exists already.
-    async fn prepare_disk(&self, spec: &VmSpec) -> Result<(), EngineError>;
-    /// Starts the VM. Returns once the VMM answers on its control socket.
+    /// Starts the VM (creating its disk layer over `spec.base_disk` unless it exists). Returns
+    /// once the VMM answers on its control socket.
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError>;
     /// Takes over a VM started by an earlier daemon, after checking `pid` really is it.
     async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, EngineError>;
     /// Boots the VM from a complete snapshot (see [`snapshot`]) and returns once the guest runs
-    /// again. `template`: the directory of a template snapshot, which is only read; `None`: the
-    /// sandbox's own snapshot in `spec.run_dir`, which is consumed.
-    async fn restore(&self, spec: &VmSpec, template: Option<&std::path::Path>) -> Result<Box<dyn Vm>, EngineError>;
+    /// again. From a template, the sandbox gets its own RAM and disk layer first (sharing the
+    /// template's blocks where the filesystem can).
+    async fn restore(&self, spec: &VmSpec, from: SnapshotSource<'_>) -> Result<Box<dyn Vm>, EngineError>;
+    /// Turns the snapshot and disk of the paused sandbox in `run_dir` into a template in
+    /// `template_dir` (which exists and is empty): they are moved, not copied. Afterwards the
+    /// VMs of the template's clones, which have `reader_group` among their groups, can read it
+    /// and nothing can write it.
+    async fn capture_template(&self, run_dir: &Path, template_dir: &Path, reader_group: u32)
+        -> Result<(), EngineError>;
     /// The pid of a running VM process of sandbox `id`, found without any record of it.
     fn find_vm(&self, id: &str) -> Option<u32>;
     /// Kills every VM process of sandbox `id` that no live handle owns (left by an earlier

@@ -39,6 +39,8 @@ pub enum SnapshotError {
     Format { found: u32 },
     #[error("snapshot state {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("snapshot was taken by the {found} engine; this daemon runs {expected}")]
+    Engine { found: String, expected: String },
     #[error("snapshot was taken with {found}, the sandbox now has {expected}")]
     Shape { found: String, expected: String },
     #[error("{context}")]
@@ -115,8 +117,8 @@ pub fn seal(run_dir: &Path, engine: &str, vcpus: u32, memory_mib: u32) -> Result
     Ok(meta)
 }
 
-/// Reads the metadata and checks the state stream against it.
-pub fn verify(run_dir: &Path, vcpus: u32, memory_mib: u32) -> Result<SnapshotMeta, SnapshotError> {
+/// Reads the metadata and checks the state stream against it; the snapshot must be `engine`'s.
+pub fn verify(run_dir: &Path, engine: &str, vcpus: u32, memory_mib: u32) -> Result<SnapshotMeta, SnapshotError> {
     let path = run_dir.join(META);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -129,6 +131,9 @@ pub fn verify(run_dir: &Path, vcpus: u32, memory_mib: u32) -> Result<SnapshotMet
         .map_err(|e| SnapshotError::Unreadable { path: path.clone(), reason: e.to_string() })?;
     if meta.format != FORMAT {
         return Err(SnapshotError::Format { found: meta.format });
+    }
+    if meta.engine != engine {
+        return Err(SnapshotError::Engine { found: meta.engine, expected: engine.to_owned() });
     }
     if (meta.vcpus, meta.memory_mib) != (vcpus, memory_mib) {
         return Err(SnapshotError::Shape {
@@ -194,11 +199,14 @@ mod tests {
         let meta = seal(dir.path(), "qemu", 1, 1).unwrap();
         assert_eq!(meta.state_bytes, 12);
         assert!(exists(dir.path()));
-        assert_eq!(verify(dir.path(), 1, 1).unwrap(), meta);
-        assert!(matches!(verify(dir.path(), 2, 1), Err(SnapshotError::Shape { .. })));
+        assert_eq!(verify(dir.path(), "qemu", 1, 1).unwrap(), meta);
+        assert!(matches!(verify(dir.path(), "qemu", 2, 1), Err(SnapshotError::Shape { .. })));
+        // Another backend's snapshot is refused before anything reads it.
+        let err = verify(dir.path(), "firecracker", 1, 1).unwrap_err();
+        assert!(matches!(err, SnapshotError::Engine { .. }) && err.to_string().contains("qemu"), "{err}");
         consume(dir.path()).unwrap();
         assert!(!exists(dir.path()));
-        assert!(matches!(verify(dir.path(), 1, 1), Err(SnapshotError::Missing(_))));
+        assert!(matches!(verify(dir.path(), "qemu", 1, 1), Err(SnapshotError::Missing(_))));
         assert!(memory_file(dir.path()).exists(), "consume keeps the RAM file");
     }
 
@@ -208,10 +216,10 @@ mod tests {
         fake_paused(dir.path());
         seal(dir.path(), "qemu", 1, 1).unwrap();
         std::fs::write(state_file(dir.path()), b"device stAte").unwrap();
-        let err = verify(dir.path(), 1, 1).unwrap_err();
+        let err = verify(dir.path(), "qemu", 1, 1).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
         std::fs::write(state_file(dir.path()), b"device").unwrap();
-        let err = verify(dir.path(), 1, 1).unwrap_err();
+        let err = verify(dir.path(), "qemu", 1, 1).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
     }
 

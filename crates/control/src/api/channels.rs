@@ -17,13 +17,8 @@ use tokio::sync::mpsc;
 
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
-use crate::model::{Channel, ChannelKind, ChannelMessage, CreateChannel};
+use torpor_api::{ChannelList, AgentConversation, AgentStatus, Channel, ChannelKind, ChannelMessage, CreateChannel};
 use crate::relay::{verify_slack_signature, Reply, Submitted};
-
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ChannelList {
-    pub channels: Vec<Channel>,
-}
 
 /// Most text one message may carry.
 const MAX_MESSAGE_CHARS: usize = 100_000;
@@ -44,12 +39,12 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Channel>), ApiError> {
     let spec = json_body(body)?;
     let manager = &state.manager;
-    spec.validate(&manager.cfg)?;
+    crate::model::validate_channel(&spec, &manager.cfg)?;
     if let Some(id) = &spec.sandbox {
         manager.get(id).await?;
     }
     if let Some(template) = &spec.template {
-        if template != crate::model::BASE_TEMPLATE && manager.store().template(template).await?.is_none() {
+        if template != torpor_api::BASE_TEMPLATE && manager.store().template(template).await?.is_none() {
             return Err(ApiError::not_found(format!("unknown template {template:?}")));
         }
     }
@@ -240,23 +235,6 @@ pub async fn slack(
     let key = format!("event:{event_id}");
     state.relay.submit(&channel, &conversation, Some(&key), text.to_owned(), reply).await?;
     Ok(ok())
-}
-
-/// One conversation of a sandbox's agent.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct AgentConversation {
-    /// `<channel>/<conversation>` for relayed messages.
-    pub conversation: String,
-    /// The agent's own session id (Claude Code session, Codex thread).
-    pub session: String,
-    pub turns: u64,
-    /// A message of it is being answered now.
-    pub busy: bool,
-}
-
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct AgentStatus {
-    pub conversations: Vec<AgentConversation>,
 }
 
 /// The conversations a sandbox's agent has had (wakes the sandbox if it is paused).

@@ -19,7 +19,7 @@ use torpor_proto::supervisor::{exec_exited, exec_input, exec_output, ExecInput, 
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
 use crate::manager::Live;
-use crate::model::{ExecClientMessage, ExecEvent, ExecRequest, SignalRequest};
+use torpor_api::{ExecClientMessage, ExecEvent, ExecRequest, SignalRequest};
 
 const STDIN_CHUNK: usize = 1 << 20;
 

@@ -15,7 +15,7 @@ use torpor_proto::supervisor::{
 
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
-use crate::model::validate_guest_path;
+use torpor_api::validate_guest_path;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]

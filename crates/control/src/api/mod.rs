@@ -8,6 +8,7 @@ mod network;
 mod sandboxes;
 mod templates;
 
+use torpor_api::{Health};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -63,7 +64,7 @@ impl AuthFailures {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Torpor API", description = "microVM sandboxes for AI agents"),
-    components(schemas(crate::model::State, ErrorBody, ErrorDetail)),
+    components(schemas(torpor_api::State, ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -144,24 +145,14 @@ pub fn router(state: AppState) -> Router {
     public.merge(operator).fallback(|| async { ApiError::not_found("no such endpoint") }).with_state(state)
 }
 
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct Health {
-    pub status: String,
-    pub version: String,
-    /// `kvm` or `tcg`; null when QEMU is missing.
-    pub accelerator: Option<String>,
-}
-
 /// Liveness of the daemon itself; needs no API key.
 #[utoipa::path(get, path = "/v1/health", security(()), responses((status = 200, body = Health)))]
 async fn health(State(state): State<AppState>) -> Json<Health> {
-    Json(Health::of(&state.manager))
+    Json(health_of(&state.manager))
 }
 
-impl Health {
-    pub(crate) fn of(manager: &Manager) -> Self {
-        Self { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into(), accelerator: manager.accelerator() }
-    }
+pub(crate) fn health_of(manager: &Manager) -> Health {
+    Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into(), accelerator: manager.accelerator() }
 }
 
 /// The public key that signs device tokens (JWKS), for anyone who checks them.

@@ -6,7 +6,7 @@ use axum::Json;
 
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
-use crate::model::{NetworkPolicy, NetworkStatus};
+use torpor_api::{NetworkPolicy, NetworkStatus};
 
 /// The sandbox's egress policy, whether it is in force, and the addresses its resolver has let
 /// it reach.

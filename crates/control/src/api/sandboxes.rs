@@ -7,7 +7,7 @@ use axum::Json;
 
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
-use crate::model::{CreateSandbox, Sandbox, Usage};
+use torpor_api::{SandboxList, GuestInfo, CreateSandbox, Sandbox, Usage};
 
 /// Runs a lifecycle operation to completion even if the client goes away: axum drops a handler
 /// whose connection closes, which would strand the sandbox halfway between two states.
@@ -15,11 +15,6 @@ pub(super) async fn detached<T: Send + 'static>(
     op: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::spawn(op).await.unwrap_or_else(|e| Err(ApiError::internal(format!("lifecycle task failed: {e}"))))
-}
-
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct SandboxList {
-    pub sandboxes: Vec<Sandbox>,
 }
 
 /// Creates a sandbox and returns once its supervisor answers.
@@ -34,7 +29,7 @@ pub async fn create(
     State(state): State<AppState>,
     body: Result<Json<CreateSandbox>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
-    let req = json_body(body)?.validate(&state.manager.cfg)?;
+    let req = crate::model::validate_create(json_body(body)?, &state.manager.cfg)?;
     let manager = state.manager.clone();
     let sandbox = detached(async move { manager.create(req).await }).await?;
     Ok((StatusCode::CREATED, Json(sandbox)))
@@ -67,17 +62,6 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Re
     let manager = state.manager.clone();
     detached(async move { manager.delete(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct GuestInfo {
-    pub uptime_secs: f64,
-    pub mem_total_bytes: u64,
-    pub mem_available_bytes: u64,
-    pub disk_total_bytes: u64,
-    pub disk_free_bytes: u64,
-    pub kernel: String,
-    pub hostname: String,
 }
 
 /// What the guest itself reports: uptime, memory, root disk, kernel.

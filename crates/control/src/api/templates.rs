@@ -8,12 +8,8 @@ use axum::Json;
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
 use crate::manager::Manager;
-use crate::model::{CreateTemplate, Template, TemplateDefaults};
-
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct TemplateList {
-    pub templates: Vec<Template>,
-}
+use torpor_api::{TemplateList, CreateTemplate, Template};
+use crate::model::TemplateDefaults;
 
 /// Captures a running sandbox (created with `cold_boot`) as a template: it is paused and its
 /// snapshot and disk become the template; the sandbox itself is removed.
@@ -57,10 +53,10 @@ fn defaults(req: &CreateTemplate, manager: &Manager) -> Result<TemplateDefaults,
         processes: req.processes.clone(),
         network: req.network.clone().unwrap_or_default(),
         secrets: req.secrets.clone(),
-        github: req.github.clone().map(|g| g.validate(cfg)).transpose()?,
+        github: req.github.clone().map(|g| crate::model::github_grant(g, cfg)).transpose()?,
         // Checked now, kept as given: omitted providers and budget mean the daemon's at each
         // create, so a provider configured after the build reaches the template's sandboxes.
-        models: req.models.clone().map(|m| m.clone().validate(cfg).map(|_| m)).transpose()?,
+        models: req.models.clone().map(|m| crate::model::model_grant(m.clone(), cfg).map(|_| m)).transpose()?,
         agent: req.agent.clone().map(|a| a.validate().map(|()| a)).transpose()?,
     })
 }

@@ -14,11 +14,11 @@ use std::time::Duration;
 use torpor_proto::{GUEST_API_PORT, GUEST_GATEWAY};
 
 use super::{now_ms, Busy, Live, Manager};
-use crate::config::ModelFlavour;
+use torpor_api::ModelFlavour;
 use crate::error::ApiError;
 use crate::github::{GitHubError, InstallationToken};
 use crate::guest::GuestClient;
-use crate::model::GitHubGrant;
+use torpor_api::GitHubGrant;
 use crate::proxy::Tally;
 use crate::store::Record;
 

@@ -26,10 +26,12 @@ use torpor_engine::{logs, Engine, Vm, VmSpec};
 use torpor_image::ImageStore;
 use torpor_net::{AddressPool, SandboxEgress, SandboxNet, Upstream, TAP};
 
+use crate::model::PolicyExt;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::guest::GuestClient;
-use crate::model::{new_sandbox_id, NetworkInfo, Sandbox, State, ValidCreate, BASE_TEMPLATE};
+use torpor_api::{new_sandbox_id, NetworkInfo, Sandbox, State, BASE_TEMPLATE};
+use crate::model::ValidCreate;
 use crate::store::{Record, Store, StoreError};
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -203,9 +205,9 @@ impl Manager {
         let image = PathBuf::from(&rec.image_dir);
         let run_dir = self.run_dir(&rec.id);
         let template = rec.template_dir.as_ref().map(PathBuf::from);
-        let (base_disk, base_disk_format) = match &template {
-            Some(dir) => (dir.join("disk.qcow2"), "qcow2"),
-            None => (image.join("rootfs.ext4"), "raw"),
+        let base_disk = match &template {
+            Some(dir) => torpor_engine::BaseDisk::Template(dir.clone()),
+            None => torpor_engine::BaseDisk::Image(image.join("rootfs.ext4")),
         };
         VmSpec {
             id: rec.id.clone(),
@@ -214,7 +216,6 @@ impl Manager {
             kernel: image.join("vmlinuz"),
             initrd: image.join("initrd.img"),
             base_disk,
-            base_disk_format,
 
             netns_path: torpor_net::netns_path(&self.net_for(rec).netns),
             tap: TAP.into(),
@@ -256,9 +257,9 @@ impl Manager {
         )
     }
 
-    pub(super) fn api_limits(&self, rec: &Record) -> crate::model::Limits {
+    pub(super) fn api_limits(&self, rec: &Record) -> torpor_api::Limits {
         let l = self.engine_limits(rec);
-        crate::model::Limits {
+        torpor_api::Limits {
             cpu_quota_us: l.cpu_quota_us,
             memory_bytes: l.memory_bytes,
             pids: l.pids,
@@ -297,7 +298,7 @@ impl Manager {
     }
 
     async fn record(&self, id: &str) -> Result<Record, ApiError> {
-        if !crate::model::is_valid_sandbox_id(id) {
+        if !torpor_api::is_valid_sandbox_id(id) {
             return Err(ApiError::not_found(format!("no sandbox {id:?}")));
         }
         self.store.get(id).await?.ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
@@ -366,7 +367,7 @@ impl Manager {
             rec.github = template.github.clone();
         }
         if req.models.is_none() {
-            rec.models = template.models.clone().map(|m| m.validate(&self.cfg)).transpose()?;
+            rec.models = template.models.clone().map(|m| crate::model::model_grant(m, &self.cfg)).transpose()?;
         }
         if req.agent.is_none() {
             rec.agent = template.agent.clone();
@@ -510,7 +511,6 @@ impl Manager {
     }
 
     async fn start_vm(&self, engine: &Arc<dyn Engine>, spec: &VmSpec) -> Result<Box<dyn Vm>, ApiError> {
-        engine.prepare_disk(spec).await.map_err(|e| ApiError::internal(e.to_string()))?;
         let vm = engine.launch(spec).await.map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(vm)
     }
@@ -626,8 +626,6 @@ impl Manager {
     }
 
     async fn finish_stop(&self, id: &str) -> Result<(), ApiError> {
-        let dir = self.run_dir(id);
-        let _ = std::fs::remove_file(dir.join("qmp.sock"));
         self.store.set_pid(id, None).await?;
         self.store.transition(id, &[State::Stopping], State::Stopped, None).await?;
         Ok(())
@@ -685,7 +683,7 @@ impl Manager {
         match self.engine() {
             Ok(engine) => engine.kill_stale(&rec.id).await,
             // QEMU was uninstalled since: its processes can still be running, and still must go.
-            Err(_) => torpor_engine::qemu::kill_stale_vms(&rec.id).await,
+            Err(_) => torpor_engine::kill_stale_vms(&rec.id).await,
         };
     }
 }

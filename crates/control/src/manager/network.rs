@@ -8,8 +8,9 @@ use std::sync::Arc;
 use torpor_net::{SandboxEgress, SandboxNet};
 
 use super::Manager;
+use crate::model::PolicyExt;
 use crate::error::ApiError;
-use crate::model::{NetworkPolicy, NetworkStatus, ResolvedAddress, State};
+use torpor_api::{NetworkPolicy, NetworkStatus, ResolvedAddress, State};
 use crate::store::Record;
 
 impl Manager {

@@ -10,7 +10,7 @@ use torpor_net::SandboxNet;
 
 use super::{guest_client, Live, Manager};
 use crate::error::ApiError;
-use crate::model::State;
+use torpor_api::State;
 use crate::store::Record;
 
 enum Outcome {
@@ -159,10 +159,10 @@ impl Manager {
         };
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().into_owned();
-            if records.iter().any(|r| r.id == id) || !crate::model::is_valid_sandbox_id(&id) {
+            if records.iter().any(|r| r.id == id) || !torpor_api::is_valid_sandbox_id(&id) {
                 continue;
             }
-            torpor_engine::qemu::kill_stale_vms(&id).await;
+            torpor_engine::kill_stale_vms(&id).await;
             let unspecified = std::net::Ipv4Addr::UNSPECIFIED;
             let _ = SandboxNet::new(&id, unspecified, unspecified).teardown().await;
             let _ = std::fs::remove_dir_all(entry.path());

@@ -13,7 +13,7 @@ use torpor_engine::snapshot;
 
 use super::{guest_client, wait_healthy, Live, Manager};
 use crate::error::ApiError;
-use crate::model::{Sandbox, State, Usage};
+use torpor_api::{Sandbox, State, Usage};
 use crate::store::Record;
 
 /// How often the auto-pause sweep looks for idle sandboxes.
@@ -63,7 +63,6 @@ impl Manager {
                 self.live.lock().expect("live table poisoned").remove(id);
                 self.parked_clients.lock().expect("client table poisoned").insert(id.to_owned(), live.guest.clone());
                 let dir = self.run_dir(id);
-                let _ = std::fs::remove_file(dir.join("qmp.sock"));
                 self.store.set_pid(id, None).await?;
                 self.store.set_paused_bytes(id, dir_bytes_on_disk(&dir)).await?;
                 self.store.transition(id, &[State::Pausing], State::Paused, None).await?;
@@ -156,7 +155,7 @@ impl Manager {
             }
         }
         let spec = self.spec(rec);
-        let vm = match engine.restore(&spec, None).await {
+        let vm = match engine.restore(&spec, torpor_engine::SnapshotSource::Own).await {
             Ok(vm) => vm,
             Err(e) => {
                 let e = ApiError::internal(format!("resuming sandbox {id} failed: {e}"));
@@ -298,12 +297,6 @@ impl Manager {
             }
         }
     }
-}
-
-/// Allocated bytes of one file (0 if it is missing).
-pub(super) fn file_bytes_on_disk(path: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 /// Allocated bytes of every file in a sandbox's directory (sparse files count what they hold).

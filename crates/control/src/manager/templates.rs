@@ -15,36 +15,16 @@ use torpor_engine::{snapshot, Engine};
 use torpor_proto::supervisor::IdentityRequest;
 
 use super::{create_private_dir, ensure_secret, wait_healthy, with_console_tail, Live, Manager};
+use crate::model::PolicyExt;
 use crate::error::ApiError;
 use crate::guest::GuestClient;
-use crate::model::{
-    validate_template_name, NetworkPolicy, State, Template, TemplateDefaults, ValidCreate, BASE_TEMPLATE,
-};
+use torpor_api::{validate_template_name, NetworkPolicy, State, Template, BASE_TEMPLATE};
+use crate::model::{TemplateDefaults, ValidCreate};
 use crate::store::{Record, TemplateRecord};
 
-/// Frees the blocks of a template's memory image that hold only zeros. Every clone copies the
-/// image's allocated blocks, so memory the guest zeroed before the capture (the template build
-/// drops its page cache and zeroes free memory) then costs neither disk nor create time. Best
-/// effort: a template with its zeros still allocated is only bigger.
-async fn dig_holes(mem: &Path) {
-    let before = super::suspend::file_bytes_on_disk(mem);
-    let out = tokio::process::Command::new("fallocate").arg("--dig-holes").arg(mem).output().await;
-    match out {
-        Ok(o) if o.status.success() => tracing::info!(
-            file = %mem.display(),
-            before_mib = before >> 20,
-            after_mib = super::suspend::file_bytes_on_disk(mem) >> 20,
-            "freed the zeroed blocks of the template's memory image"
-        ),
-        Ok(o) => {
-            tracing::warn!(file = %mem.display(), error = %String::from_utf8_lossy(&o.stderr).trim(), "fallocate --dig-holes failed")
-        }
-        Err(e) => tracing::warn!(file = %mem.display(), error = %e, "fallocate --dig-holes could not run"),
-    }
-}
-
-/// Files of a paused sandbox that make up a template.
-const TEMPLATE_FILES: &[&str] = &["mem.ram", "state.bin", "snapshot.json", "disk.qcow2", "secret"];
+/// The daemon's own file in a template: the secret its supervisor answers to until a clone
+/// takes its own identity (the snapshot and disk are the engine's).
+const SECRET: &str = "secret";
 
 impl Manager {
     fn templates_dir(&self) -> PathBuf {
@@ -151,12 +131,23 @@ impl Manager {
         rand::rngs::OsRng.fill_bytes(&mut suffix);
         let dir = self.templates_dir().join(format!("{name}-{}", hex::encode(suffix)));
         create_private_dir(&dir)?;
-        for file in TEMPLATE_FILES {
-            std::fs::rename(run_dir.join(file), dir.join(file))
-                .map_err(|e| ApiError::internal(format!("moving {file} into template {name}: {e}")))?;
+        let captured = async {
+            self.engine()?
+                .capture_template(&run_dir, &dir, self.cfg.vm_uid_base)
+                .await
+                .map_err(|e| ApiError::internal(format!("capturing template {name}: {e}")))?;
+            std::fs::rename(run_dir.join(SECRET), dir.join(SECRET))
+                .map_err(|e| ApiError::internal(format!("moving the secret into template {name}: {e}")))
+        };
+        if let Err(e) = captured.await {
+            // The sandbox stays paused on what is left of its snapshot: a failed capture must
+            // not lose it. Whatever was moved goes back.
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let _ = std::fs::rename(entry.path(), run_dir.join(entry.file_name()));
+            }
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
         }
-        dig_holes(&dir.join("mem.ram")).await;
-        share_with_vms(&dir, self.cfg.vm_uid_base)?;
         let template = TemplateRecord {
             name: name.to_owned(),
             dir: dir.display().to_string(),
@@ -222,15 +213,11 @@ impl Manager {
         let template_dir = PathBuf::from(&template.dir);
         create_private_dir(&spec.run_dir)?;
         let secret = ensure_secret(&spec.secret_file)?;
-        let template_secret = std::fs::read_to_string(template_dir.join("secret"))
+        let template_secret = std::fs::read_to_string(template_dir.join(SECRET))
             .map_err(|e| ApiError::internal(format!("reading template {}'s secret: {e}", template.name)))?;
         let net = self.setup_net(rec).await?;
         let t0 = std::time::Instant::now();
-        let restored = async {
-            copy_memory(&snapshot::memory_file(&template_dir), &snapshot::memory_file(&spec.run_dir)).await?;
-            engine.prepare_disk(&spec).await.map_err(|e| e.to_string())?;
-            engine.restore(&spec, Some(&template_dir)).await.map_err(|e| e.to_string())
-        };
+        let restored = engine.restore(&spec, torpor_engine::SnapshotSource::Template(&template_dir));
         let vm = match restored.await {
             Ok(vm) => vm,
             Err(e) => {
@@ -277,38 +264,6 @@ impl Manager {
             }
         }
     }
-}
-
-/// A template is the daemon's, readable (never writable) by the VMs of its clones, which read
-/// its disk layer as their backing file: root-owned, group `vm_group`, 0640 in a 0750 directory.
-fn share_with_vms(dir: &Path, vm_group: u32) -> Result<(), ApiError> {
-    use std::os::unix::fs::PermissionsExt;
-    let fix = |p: &Path, mode: u32| -> Result<(), ApiError> {
-        std::os::unix::fs::chown(p, Some(0), Some(vm_group))
-            .and_then(|_| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)))
-            .map_err(|e| ApiError::internal(format!("securing {}: {e}", p.display())))
-    };
-    fix(dir, 0o750)?;
-    for file in TEMPLATE_FILES {
-        fix(&dir.join(file), 0o640)?;
-    }
-    Ok(())
-}
-
-/// The clone's own RAM file: a reflink where the filesystem supports one, else a copy of only
-/// the allocated blocks.
-async fn copy_memory(from: &Path, to: &Path) -> Result<(), String> {
-    let out = tokio::process::Command::new("cp")
-        .args(["--reflink=auto", "--sparse=always"])
-        .arg(from)
-        .arg(to)
-        .output()
-        .await
-        .map_err(|e| format!("running cp: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("copying the template's memory: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(())
 }
 
 /// Everything that must differ between two clones of one snapshot.

@@ -29,7 +29,7 @@ use wire::{
     Refusal,
 };
 
-use crate::config::ModelFlavour;
+use torpor_api::ModelFlavour;
 use crate::guest_api::FromSandbox;
 use crate::manager::Manager;
 

@@ -34,7 +34,7 @@ async fn proxy(base_url: String, budget: u64) -> (Router, Arc<Manager>, tempfile
     .await;
     std::mem::forget(keys);
     let mut rec = crate::store::test_record(SANDBOX);
-    rec.models = Some(crate::model::ModelGrant {
+    rec.models = Some(torpor_api::ModelGrant {
         providers: Some(vec![ModelFlavour::Anthropic, ModelFlavour::Openai]),
         token_budget: Some(budget),
     });

@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::config::ModelFlavour;
+use torpor_api::ModelFlavour;
 
 /// What kind of refusal, spelled in each API's own vocabulary.
 #[derive(Clone, Copy)]

@@ -24,48 +24,8 @@ pub use slack::verify_slack_signature;
 
 use crate::error::ApiError;
 use crate::manager::Manager;
-use crate::model::{AgentConfig, Channel, CreateSandbox, State};
+use torpor_api::{RelayEvent, AgentConfig, Channel, CreateSandbox, State};
 use waiting::Waiting;
-
-/// What an HTTP channel streams back (as server-sent events, `event:` = the variant).
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum RelayEvent {
-    /// The sandbox is being woken (it was paused).
-    Waking {
-        sandbox: String,
-    },
-    Text {
-        text: String,
-    },
-    Tool {
-        name: String,
-        detail: String,
-    },
-    Done {
-        text: String,
-        session: String,
-        turn: u64,
-        sandbox: String,
-        woke: bool,
-        wake_ms: u64,
-    },
-    Error {
-        message: String,
-    },
-}
-
-impl RelayEvent {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Waking { .. } => "waking",
-            Self::Text { .. } => "text",
-            Self::Tool { .. } => "tool",
-            Self::Done { .. } => "done",
-            Self::Error { .. } => "error",
-        }
-    }
-}
 
 /// Where a reply goes.
 pub enum Reply {
@@ -440,7 +400,7 @@ impl Relay {
                     .or_default()
                     .clone();
                 let _one_at_a_time = lock.lock().await;
-                let cap = spec.max_conversations.unwrap_or(crate::model::DEFAULT_MAX_CONVERSATIONS);
+                let cap = spec.max_conversations.unwrap_or(torpor_api::DEFAULT_MAX_CONVERSATIONS);
                 if store.conversations(&spec.name).await.map_err(|e| e.to_string())? >= u64::from(cap) {
                     return Err(format!(
                         "Sorry, this channel already has its {cap} conversations; no new one can start"
@@ -451,7 +411,7 @@ impl Relay {
                     idle_timeout_secs: spec.idle_timeout_secs,
                     ..Default::default()
                 };
-                let req = req.validate(&self.manager.cfg).map_err(|e| e.message)?;
+                let req = crate::model::validate_create(req, &self.manager.cfg).map_err(|e| e.message)?;
                 let sandbox =
                     self.manager.create(req).await.map_err(|e| {
                         format!("Sorry, no sandbox could be started for this conversation: {}", e.message)

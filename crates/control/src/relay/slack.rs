@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use super::{with_retries, Attempt, Relay, RelayEvent};
-use crate::model::Channel;
+use torpor_api::Channel;
 
 /// Slack's own bound on replayed requests.
 const MAX_SKEW_SECS: i64 = 300;

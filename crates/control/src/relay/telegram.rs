@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{with_retries, Attempt, Relay, RelayEvent};
-use crate::model::Channel;
+use torpor_api::Channel;
 
 /// Telegram refuses longer messages; a longer reply continues in further messages.
 const MAX_MESSAGE_CHARS: usize = 4096;
@@ -152,7 +152,7 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ChannelKind, CreateChannel, TelegramSecrets};
+    use torpor_api::{ChannelKind, CreateChannel, TelegramSecrets};
 
     /// An agent that streams 100 MB of text and then finishes: the reply kept is bounded, and so
     /// is the number of messages it becomes.

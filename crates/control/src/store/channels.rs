@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::{Store, StoreError};
-use crate::model::{Channel, CreateChannel};
+use torpor_api::{Channel, CreateChannel};
 
 /// Delivery keys are remembered this long: platforms redeliver within minutes, not days.
 const DELIVERY_MEMORY_DAYS: i64 = 7;

@@ -11,7 +11,7 @@ use sqlx::{Row, SqlitePool};
 
 mod channels;
 
-use crate::model::{AgentConfig, GitHubGrant, ModelGrant, NetworkPolicy, State};
+use torpor_api::{AgentConfig, GitHubGrant, ModelGrant, NetworkPolicy, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

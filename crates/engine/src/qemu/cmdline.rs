@@ -12,6 +12,13 @@ pub fn process_name(id: &str) -> String {
 
 /// Where the daemon reaches the VM's control socket: in the run directory, which is root's,
 /// so the VM cannot put anything else at this path.
+/// The sandbox's disk: a qcow2 layer over its base disk.
+pub const DISK: &str = "disk.qcow2";
+
+pub fn disk(spec: &VmSpec) -> std::path::PathBuf {
+    spec.run_dir.join(DISK)
+}
+
 pub fn qmp_socket(spec: &VmSpec) -> std::path::PathBuf {
     spec.run_dir.join("qmp.sock")
 }
@@ -96,7 +103,7 @@ pub fn args(spec: &VmSpec, host: &HostSetup, fds: &HandedFds) -> Vec<String> {
         "-serial".into(),
         "chardev:console".into(),
         "-drive".into(),
-        format!("id=root,file={},format=qcow2,if=none,discard=unmap", p(&spec.disk())),
+        format!("id=root,file={},format=qcow2,if=none,discard=unmap", p(&disk(spec))),
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
         "-netdev".into(),
@@ -132,8 +139,7 @@ mod tests {
             memory_mib: 512,
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd.img".into(),
-            base_disk: "/img/rootfs.ext4".into(),
-            base_disk_format: "raw",
+            base_disk: crate::BaseDisk::Image("/img/rootfs.ext4".into()),
             run_dir: PathBuf::from("/data/sandboxes/sb-abc"),
             netns_path: "/run/netns/torpor-sb-abc".into(),
             tap: "tap0".into(),

@@ -3,6 +3,7 @@
 mod cmdline;
 mod handoff;
 mod qmp;
+mod template;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -17,10 +18,12 @@ use crate::process::ExitWatch;
 use serde_json::json;
 
 use crate::snapshot::{self, SnapshotMeta};
-use crate::{io, Accel, Engine, EngineError, Vm, VmExit, VmSpec};
+use crate::{io, Accel, BaseDisk, Capabilities, Engine, EngineError, SnapshotSource, Vm, VmExit, VmSpec};
 pub use cmdline::process_name;
 use qmp::Qmp;
 
+/// The engine's name in snapshot metadata: another backend refuses its snapshots.
+const ENGINE: &str = "qemu";
 /// How long QEMU may take to open its control socket.
 const QMP_START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Where QEMU made its control socket before it was handed one (daemons of earlier versions).
@@ -46,17 +49,38 @@ impl QemuEngine {
             Accel::Tcg => crate::tsc::host_tsc_khz(),
             Accel::Kvm => None,
         };
-        // A jailed VM's parent is an intermediate process that exits at once; as a subreaper
-        // the daemon inherits the VM, and so can reap it and learn how it ended.
-        // SAFETY: prctl with these arguments only sets a flag on this process.
-        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-            tracing::warn!("cannot become a child subreaper: exits of jailed VMs will lack their status");
-        }
         Ok(Self { binary: path, host: cmdline::HostSetup { accel, tsc_khz, tcg_code_cache_mib } })
     }
 }
 
 impl QemuEngine {
+    /// Creates the sandbox's copy-on-write disk unless it exists already.
+    async fn prepare_disk(&self, spec: &VmSpec) -> Result<(), EngineError> {
+        let disk = cmdline::disk(spec);
+        if disk.exists() {
+            return Ok(());
+        }
+        let (base, base_format) = match &spec.base_disk {
+            BaseDisk::Image(rootfs) => (rootfs.clone(), "raw"),
+            BaseDisk::Template(dir) => (dir.join(cmdline::DISK), "qcow2"),
+        };
+        // A qcow2 layer over the read-only base: creating it copies nothing.
+        let tmp = disk.with_extension("qcow2.partial");
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
+            .arg(&base)
+            .arg(&tmp)
+            .output()
+            .await
+            .map_err(|e| EngineError::Disk(format!("running qemu-img: {e}")))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(EngineError::Disk(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        }
+        std::fs::rename(&tmp, &disk).map_err(|e| EngineError::Disk(format!("renaming {}: {e}", tmp.display())))?;
+        Ok(())
+    }
+
     /// Starts QEMU for `spec` with `extra` arguments, jailed, in its cgroup; returns once QMP
     /// answers.
     async fn spawn(&self, spec: &VmSpec, extra: &[&str]) -> Result<QemuVm, EngineError> {
@@ -141,7 +165,7 @@ impl QemuEngine {
         jail::prepare_run_dir(
             &spec.run_dir,
             &spec.jail,
-            &[spec.disk(), memory],
+            &[cmdline::disk(spec), memory],
             std::slice::from_ref(&spec.secret_file),
         )?;
         let (read_end, write_end) = jail::pid_pipe()?;
@@ -205,11 +229,15 @@ fn which(binary: &str) -> Option<PathBuf> {
 #[async_trait]
 impl Engine for QemuEngine {
     fn name(&self) -> &'static str {
-        "qemu"
+        ENGINE
     }
 
     fn accel(&self) -> Accel {
         self.host.accel
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { kvm_only: false, shared_ram_file: true, cow_disks: true }
     }
 
     fn extra_memory_mib(&self) -> u32 {
@@ -219,35 +247,21 @@ impl Engine for QemuEngine {
         }
     }
 
-    async fn prepare_disk(&self, spec: &VmSpec) -> Result<(), EngineError> {
-        let disk = spec.disk();
-        if disk.exists() {
-            return Ok(());
-        }
-        // A qcow2 layer over the read-only base: creating it copies nothing.
-        let tmp = disk.with_extension("qcow2.partial");
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", spec.base_disk_format, "-b"])
-            .arg(&spec.base_disk)
-            .arg(&tmp)
-            .output()
-            .await
-            .map_err(|e| EngineError::Disk(format!("running qemu-img: {e}")))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(EngineError::Disk(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
-        }
-        std::fs::rename(&tmp, &disk).map_err(|e| EngineError::Disk(format!("renaming {}: {e}", tmp.display())))?;
-        Ok(())
-    }
-
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, EngineError> {
+        self.prepare_disk(spec).await?;
         Ok(Box::new(self.spawn(spec, &[]).await?))
     }
 
-    async fn restore(&self, spec: &VmSpec, template: Option<&Path>) -> Result<Box<dyn Vm>, EngineError> {
-        let from = template.unwrap_or(&spec.run_dir);
-        snapshot::verify(from, spec.vcpus, spec.memory_mib)?;
+    async fn restore(&self, spec: &VmSpec, source: SnapshotSource<'_>) -> Result<Box<dyn Vm>, EngineError> {
+        let (from, template) = match source {
+            SnapshotSource::Own => (spec.run_dir.as_path(), None),
+            SnapshotSource::Template(dir) => (dir, Some(dir)),
+        };
+        snapshot::verify(from, self.name(), spec.vcpus, spec.memory_mib)?;
+        if let Some(dir) = template {
+            template::copy_memory(dir, &spec.run_dir).await?;
+        }
+        self.prepare_disk(spec).await?;
         // -S: the CPUs stay stopped after the state is loaded until we say `cont`.
         let vm = self.spawn(spec, &["-incoming", "defer", "-S"]).await?;
         let loaded = async {
@@ -271,6 +285,15 @@ impl Engine for QemuEngine {
             return Err(e);
         }
         Ok(Box::new(vm))
+    }
+
+    async fn capture_template(
+        &self,
+        run_dir: &Path,
+        template_dir: &Path,
+        reader_group: u32,
+    ) -> Result<(), EngineError> {
+        template::capture(run_dir, template_dir, reader_group).await
     }
 
     fn find_vm(&self, id: &str) -> Option<u32> {
@@ -352,6 +375,13 @@ impl QemuVm {
         }
     }
 
+    /// The control socket of a VM that is gone: nothing listens on it any more.
+    fn forget_socket(&self) {
+        if self.exit.exited() {
+            let _ = std::fs::remove_file(&self.qmp_path);
+        }
+    }
+
     fn kill(&self) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
@@ -364,7 +394,9 @@ impl Vm for QemuVm {
     }
 
     async fn wait_exit(&self) -> VmExit {
-        self.exit.wait().await
+        let exit = self.exit.wait().await;
+        self.forget_socket();
+        exit
     }
 
     async fn terminate(&self) {
@@ -378,6 +410,7 @@ impl Vm for QemuVm {
             self.kill();
             let _ = tokio::time::timeout(QUIT_GRACE, self.exit.wait()).await;
         }
+        self.forget_socket();
     }
 
     async fn pause_to_snapshot(&self, spec: &VmSpec) -> Result<SnapshotMeta, EngineError> {
@@ -399,7 +432,7 @@ impl Vm for QemuVm {
             wait_for_migration(&mut qmp).await.map_err(EngineError::Save)?;
             // Sealed while the guest is stopped but QEMU still alive: if sealing fails (disk
             // full), the guest simply runs on.
-            Ok::<_, EngineError>(snapshot::seal(&spec.run_dir, "qemu", spec.vcpus, spec.memory_mib)?)
+            Ok::<_, EngineError>(snapshot::seal(&spec.run_dir, ENGINE, spec.vcpus, spec.memory_mib)?)
         };
         let meta = match saved.await {
             Ok(meta) => meta,
@@ -414,6 +447,7 @@ impl Vm for QemuVm {
             self.kill();
             let _ = tokio::time::timeout(QUIT_GRACE, self.exit.wait()).await;
         }
+        self.forget_socket();
         Ok(meta)
     }
 
