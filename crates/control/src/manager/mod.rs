@@ -6,6 +6,7 @@
 mod credentials;
 use credentials::github_error;
 mod engine_slot;
+mod lifecycle;
 pub use engine_slot::{EngineSlot, Probe};
 mod network;
 mod reconcile;
@@ -27,6 +28,7 @@ use torpor_image::ImageStore;
 use torpor_net::{AddressPool, SandboxEgress, SandboxNet, Upstream, TAP};
 
 use crate::model::PolicyExt;
+use lifecycle::Op;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::guest::GuestClient;
@@ -570,12 +572,7 @@ impl Manager {
         let _ = self.store.set_pid(&id, None).await;
         let _ = self
             .store
-            .transition(
-                &id,
-                &[State::Running, State::Creating, State::Pausing, State::Resuming],
-                State::Failed,
-                Some(&reason),
-            )
+            .transition(&id, lifecycle::VM_EXPECTED, State::Failed, Some(&reason))
             .await;
     }
 
@@ -592,16 +589,7 @@ impl Manager {
         let rec = self.record(id).await?;
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
-        let from = [State::Running, State::Paused];
-        match self.store.transition(id, &from, State::Stopping, None).await? {
-            None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
-            Some(s) if from.contains(&s) => {}
-            Some(other) => {
-                return Err(ApiError::conflict(format!(
-                    "sandbox {id} is {other}; only a running or paused sandbox can be stopped"
-                )))
-            }
-        }
+        self.begin(id, Op::Stop).await?;
         if let Err(e) = self.stop_running(&rec).await {
             self.fail_after_transient(id, State::Stopping, "stopping", &e).await;
             return Err(e);
@@ -627,8 +615,7 @@ impl Manager {
 
     async fn finish_stop(&self, id: &str) -> Result<(), ApiError> {
         self.store.set_pid(id, None).await?;
-        self.store.transition(id, &[State::Stopping], State::Stopped, None).await?;
-        Ok(())
+        self.finish(id, Op::Stop).await
     }
 
     /// Removes the sandbox and everything it owns.
@@ -636,14 +623,7 @@ impl Manager {
         let rec = self.record(id).await?;
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
-        let from = [State::Running, State::Paused, State::Stopped, State::Failed];
-        match self.store.transition(id, &from, State::Stopping, None).await? {
-            Some(s) if from.contains(&s) => {}
-            Some(other) => {
-                return Err(ApiError::conflict(format!("sandbox {id} is {other}; try again when it settles")))
-            }
-            None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
-        }
+        self.begin(id, Op::Delete).await?;
         if let Err(e) = self.remove_everything(&rec).await {
             self.fail_after_transient(id, State::Stopping, "deleting", &e).await;
             return Err(e);

@@ -11,6 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use torpor_engine::snapshot;
 
+use super::lifecycle::Op;
 use super::{guest_client, wait_healthy, Live, Manager};
 use crate::error::ApiError;
 use torpor_api::{Sandbox, State, Usage};
@@ -41,15 +42,7 @@ impl Manager {
     /// `pause` for a caller that holds the sandbox's op lock.
     pub(super) async fn pause_locked(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
         let rec = self.record(id).await?;
-        match self.store.transition(id, &[State::Running], State::Pausing, None).await? {
-            Some(State::Running) => {}
-            Some(other) => {
-                return Err(ApiError::conflict(format!(
-                    "sandbox {id} is {other}; only a running sandbox can be paused"
-                )))
-            }
-            None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
-        }
+        self.begin(id, Op::Pause).await?;
         let Some(live) = self.live_handle(id) else {
             let e = ApiError::internal(format!("sandbox {id} has no live VM on this daemon"));
             self.fail_after_transient(id, State::Pausing, "pausing", &e).await;
@@ -65,7 +58,7 @@ impl Manager {
                 let dir = self.run_dir(id);
                 self.store.set_pid(id, None).await?;
                 self.store.set_paused_bytes(id, dir_bytes_on_disk(&dir)).await?;
-                self.store.transition(id, &[State::Pausing], State::Paused, None).await?;
+                self.finish(id, Op::Pause).await?;
                 tracing::info!(%id, ms = started.elapsed().as_millis() as u64, state_bytes = meta.state_bytes, "sandbox paused");
                 self.get(id).await
             }
@@ -91,11 +84,8 @@ impl Manager {
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
         let rec = self.record(id).await?;
-        if rec.state != State::Paused {
-            return Err(ApiError::conflict(format!(
-                "sandbox {id} is {}; only a paused sandbox can be resumed",
-                rec.state
-            )));
+        if !Op::Resume.rule().from.contains(&rec.state) {
+            return Err(Op::Resume.refusal(id, rec.state));
         }
         self.resume_locked(&rec).await?;
         self.get(id).await
@@ -136,7 +126,7 @@ impl Manager {
     async fn resume_locked(self: &Arc<Self>, rec: &Record) -> Result<(), ApiError> {
         let id = rec.id.as_str();
         let engine = self.engine()?;
-        self.store.transition(id, &[State::Paused], State::Resuming, None).await?;
+        self.begin(id, Op::Resume).await?;
         let started = std::time::Instant::now();
         let mut net = self.net_for(rec);
         if !net.exists() {
@@ -212,16 +202,7 @@ impl Manager {
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
         let rec = self.record(id).await?;
-        let from = [State::Stopped, State::Failed];
-        match self.store.transition(id, &from, State::Creating, None).await? {
-            Some(s) if from.contains(&s) => {}
-            Some(other) => {
-                return Err(ApiError::conflict(format!(
-                    "sandbox {id} is {other}; only a stopped or failed sandbox can be started"
-                )))
-            }
-            None => return Err(ApiError::not_found(format!("no sandbox {id:?}"))),
-        }
+        self.begin(id, Op::Start).await?;
         let engine = self.engine()?;
         self.kill_stale(&rec).await;
         snapshot::discard(&self.run_dir(id));

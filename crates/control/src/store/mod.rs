@@ -463,10 +463,10 @@ pub(crate) fn test_record(id: &str) -> Record {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub(super) fn record(id: &str) -> Record {
+    pub(crate) fn record(id: &str) -> Record {
         Record {
             id: id.into(),
             state: State::Creating,
