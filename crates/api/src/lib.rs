@@ -16,16 +16,16 @@ mod sandbox;
 mod template;
 
 pub use channel::{
-    AgentConversation, AgentStatus, Channel, ChannelKind, ChannelList, RelayEvent, ChannelMessage, CreateChannel, SlackSecrets, TelegramSecrets, DEFAULT_MAX_CONVERSATIONS,
-    MAX_CONVERSATIONS,
+    AgentConversation, AgentStatus, Channel, ChannelKind, ChannelList, ChannelMessage, CreateChannel, RelayEvent,
+    SlackSecrets, TelegramSecrets, DEFAULT_MAX_CONVERSATIONS, MAX_CONVERSATIONS,
 };
-pub use health::Health;
 pub use error::{ErrorBody, ErrorDetail, Invalid};
 pub use exec::{validate_env_name, validate_guest_path, ExecClientMessage, ExecEvent, ExecRequest, SignalRequest};
-pub use grants::{AgentConfig, AGENT_ADAPTERS, GitHubGrant, ModelFlavour, ModelGrant, MAX_GITHUB_REPOSITORIES};
+pub use grants::{AgentConfig, GitHubGrant, ModelFlavour, ModelGrant, AGENT_ADAPTERS, MAX_GITHUB_REPOSITORIES};
+pub use health::Health;
 pub use network::{NetworkMode, NetworkPolicy, NetworkStatus, ResolvedAddress, REGISTRIES};
 pub use sandbox::{
-    is_valid_sandbox_id, new_sandbox_id, CreateSandbox, GuestInfo, Limits, NetworkInfo, Sandbox, SandboxList, State, Usage, ID_PREFIX,
-    MAX_IDLE_TIMEOUT_SECS,
+    is_valid_sandbox_id, new_sandbox_id, CreateSandbox, GuestInfo, Limits, NetworkInfo, Sandbox, SandboxList, State,
+    Usage, ID_PREFIX, MAX_IDLE_TIMEOUT_SECS,
 };
 pub use template::{validate_template_name, CreateTemplate, Template, TemplateList, BASE_TEMPLATE};

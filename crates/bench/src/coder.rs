@@ -59,7 +59,10 @@ pub async fn run(p: Params) -> Result<()> {
     let spec = TemplateFile::parse(origin.text())?;
     eprintln!("==> building the coder template (packages from the real registries: minutes)");
     let started = Instant::now();
-    torpor_template::build(&client, "coder", &origin, &p.ca_certs, &torpor_template::Quiet).await.map(drop).with_context(|| daemon.log())?;
+    torpor_template::build(&client, "coder", &origin, &p.ca_certs, &torpor_template::Quiet)
+        .await
+        .map(drop)
+        .with_context(|| daemon.log())?;
     let build_s = started.elapsed().as_secs_f64();
 
     let (mut warm, mut cold) = (Vec::new(), Vec::new());

@@ -21,7 +21,7 @@ pub async fn run(client: &torpor_client::Client, p: Params) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-        let (mut create_ms, mut exec_ms, mut rss_mib, mut pss_mib, mut host_mib) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut create_ms, mut exec_ms, mut rss_mib, mut pss_mib, mut host_mib) = (vec![], vec![], vec![], vec![], vec![]);
     let mut accel = String::new();
     for run in 1..=runs {
         let before = meminfo_kib("MemAvailable");

@@ -87,4 +87,3 @@ impl Drop for BenchDaemon {
         }
     }
 }
-

@@ -74,21 +74,21 @@ pub async fn run(client: &Client, n: usize, paused: usize) -> Result<()> {
     }
     let (mut cold, mut restored) = (Vec::new(), Vec::new());
     for _ in 0..n.min(5) {
-        let (s, ms) = create(&client, None, true).await?;
+        let (s, ms) = create(client, None, true).await?;
         cold.push(ms);
-        remove(&client, &s.id).await;
+        remove(client, &s.id).await;
     }
     // The first restore may build the base template (one cold boot); it is not counted.
-    let (warm, _) = create(&client, None, false).await?;
-    remove(&client, &warm.id).await;
+    let (warm, _) = create(client, None, false).await?;
+    remove(client, &warm.id).await;
     for _ in 0..n {
-        let (s, ms) = create(&client, None, false).await?;
+        let (s, ms) = create(client, None, false).await?;
         restored.push(ms);
-        remove(&client, &s.id).await;
+        remove(client, &s.id).await;
     }
     eprintln!("cold creates done; cycling 256 MiB and 2 GiB guests");
-    let small = cycles(&client, 256, n).await?;
-    let large = cycles(&client, 2048, n).await?;
+    let small = cycles(client, 256, n).await?;
+    let large = cycles(client, 2048, n).await?;
 
     eprintln!("creating and pausing {paused} sandboxes");
     let mut ids = Vec::new();
@@ -96,9 +96,9 @@ pub async fn run(client: &Client, n: usize, paused: usize) -> Result<()> {
     let mut paused_disk = Vec::new();
     let outcome = async {
         for _ in 0..paused {
-            let (s, _) = create(&client, None, false).await?;
+            let (s, _) = create(client, None, false).await?;
             ids.push(s.id.clone());
-            pause(&client, &s.id).await?;
+            pause(client, &s.id).await?;
             let usage: Usage = client.json(Method::GET, &format!("/v1/sandboxes/{}/usage", s.id), None::<&()>).await?;
             paused_disk.push(usage.paused_bytes as f64 / (1 << 20) as f64);
         }
@@ -117,7 +117,7 @@ pub async fn run(client: &Client, n: usize, paused: usize) -> Result<()> {
     }
     .await;
     for id in &ids {
-        remove(&client, id).await;
+        remove(client, id).await;
     }
     outcome?;
 

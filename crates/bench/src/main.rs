@@ -135,7 +135,6 @@ pub enum BenchCommand {
     },
 }
 
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");

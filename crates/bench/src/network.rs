@@ -6,7 +6,6 @@
 //! private daemon whose resolver forwards to the lab's DNS server, so the numbers do not depend
 //! on this host's real network.
 
-
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};

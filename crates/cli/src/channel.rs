@@ -8,7 +8,6 @@ use anyhow::{bail, Result};
 use clap::Subcommand;
 use torpor_api::{ChannelKind, ChannelMessage, CreateChannel, RelayEvent, SlackSecrets, TelegramSecrets};
 
-
 #[derive(Subcommand)]
 pub enum ChannelCommand {
     /// Create a channel. Without --sandbox, each new conversation gets a sandbox of its own

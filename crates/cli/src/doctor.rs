@@ -178,7 +178,7 @@ fn disk(cfg: &Config) -> Check {
     }
     match nix::sys::statvfs::statvfs(&dir) {
         Ok(fs) => {
-            let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+            let free = fs.blocks_available() * fs.fragment_size();
             let gib = free as f64 / (1u64 << 30) as f64;
             let detail = format!("{gib:.1} GiB free for {}", cfg.data_dir.display());
             if gib < 1.0 {

@@ -56,9 +56,7 @@ pub enum NetworkCommand {
 
 pub async fn run(cmd: NetworkCommand, client: &Client) -> Result<()> {
     let (status, json) = match cmd {
-        NetworkCommand::Get { id, json } => {
-            (client.network(&id).await?, json)
-        }
+        NetworkCommand::Get { id, json } => (client.network(&id).await?, json),
         NetworkCommand::Set { id, policy, json } => {
             let policy = policy.policy()?.unwrap_or_default();
             (client.set_network(&id, &policy).await?, json)

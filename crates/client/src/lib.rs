@@ -18,8 +18,8 @@ use reqwest::{Method, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use torpor_api::{
-    AgentStatus, Channel, ChannelList, CreateChannel, CreateSandbox, CreateTemplate, GuestInfo, Health,
-    NetworkPolicy, NetworkStatus, Sandbox, SandboxList, Template, TemplateList, Usage,
+    AgentStatus, Channel, ChannelList, CreateChannel, CreateSandbox, CreateTemplate, GuestInfo, Health, NetworkPolicy,
+    NetworkStatus, Sandbox, SandboxList, Template, TemplateList, Usage,
 };
 
 pub use error::Error;
@@ -193,7 +193,10 @@ impl Client {
 /// Where the daemon keeps its API key: `$TORPOR_HOME/api-key`, by default
 /// `/var/lib/torpor/api-key` (readable by root only).
 pub fn default_api_key_file() -> std::path::PathBuf {
-    std::env::var_os("TORPOR_HOME").map(std::path::PathBuf::from).unwrap_or_else(|| "/var/lib/torpor".into()).join("api-key")
+    std::env::var_os("TORPOR_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/torpor".into())
+        .join("api-key")
 }
 
 /// The key in [`default_api_key_file`].

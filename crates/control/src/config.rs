@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use torpor_api::ModelFlavour;
 use serde::Deserialize;
+use torpor_api::ModelFlavour;
 use torpor_engine::AccelPreference;
 use torpor_net::AddressPool;
 

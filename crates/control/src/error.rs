@@ -2,8 +2,8 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-pub use torpor_api::{ErrorBody, ErrorDetail};
 use torpor_api::Invalid;
+pub use torpor_api::{ErrorBody, ErrorDetail};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {

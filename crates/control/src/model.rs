@@ -245,8 +245,11 @@ mod tests {
         assert_eq!(bad(cold).status.as_u16(), 400);
         let env = BTreeMap::from([("1BAD".to_string(), "x".to_string())]);
         assert_eq!(bad(CreateSandbox { env, ..Default::default() }).status.as_u16(), 400);
-        let network =
-            NetworkPolicy { mode: NetworkMode::Allowlist, allow_domains: vec!["bad name".into()], ..Default::default() };
+        let network = NetworkPolicy {
+            mode: NetworkMode::Allowlist,
+            allow_domains: vec!["bad name".into()],
+            ..Default::default()
+        };
         assert_eq!(bad(CreateSandbox { network: Some(network), ..Default::default() }).status.as_u16(), 400);
         let network = NetworkPolicy {
             mode: NetworkMode::Allowlist,

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::manager::{create_private_dir, Manager};

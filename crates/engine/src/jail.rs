@@ -252,7 +252,8 @@ impl Plan {
                         check(libc::symlink(target.as_ptr(), link.as_ptr()))?;
                     }
                     Op::Touch(file) => {
-                        let fd = check(libc::open(file.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644))?;
+                        let fd =
+                            check(libc::open(file.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644))?;
                         libc::close(fd);
                     }
                     Op::Device { path, rdev, mode, owner } => {
@@ -264,16 +265,34 @@ impl Plan {
                         }
                     }
                     Op::Bind { src, dst, read_only } => {
-                        check(libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))?;
+                        check(libc::mount(
+                            src.as_ptr(),
+                            dst.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ))?;
                         if *read_only {
                             let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID;
-                            check(libc::mount(std::ptr::null(), dst.as_ptr(), std::ptr::null(), flags, std::ptr::null()))?;
+                            check(libc::mount(
+                                std::ptr::null(),
+                                dst.as_ptr(),
+                                std::ptr::null(),
+                                flags,
+                                std::ptr::null(),
+                            ))?;
                         }
                     }
                 }
             }
             let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-            check(libc::mount(c"proc".as_ptr(), self.proc_dir.as_ptr(), c"proc".as_ptr(), proc_flags, std::ptr::null()))?;
+            check(libc::mount(
+                c"proc".as_ptr(),
+                self.proc_dir.as_ptr(),
+                c"proc".as_ptr(),
+                proc_flags,
+                std::ptr::null(),
+            ))?;
             // pivot_root(".", "."), then detach the old root stacked under the new one.
             check(libc::chdir(self.root.as_ptr()))?;
             check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;

@@ -72,6 +72,7 @@ fn reap(pid: u32) -> Option<String> {
     if ret != 0 || unsafe { info.si_pid() } == 0 {
         return None;
     }
+    // SAFETY: as above, waitid filled it.
     let status = unsafe { info.si_status() };
     Some(match info.si_code {
         libc::CLD_EXITED if status == 0 => "the VM process exited".into(),

@@ -24,6 +24,7 @@ fn sample(window: Duration) -> u64 {
     while t0.elapsed() < window {
         std::hint::spin_loop();
     }
+    // SAFETY: as above.
     let (elapsed, c1) = (t0.elapsed(), unsafe { core::arch::x86_64::_rdtsc() });
     ((c1 - c0) as f64 / elapsed.as_secs_f64() / 1000.0).round() as u64
 }

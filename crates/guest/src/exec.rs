@@ -234,10 +234,8 @@ fn resolve_user(spec: &str) -> Result<User, Status> {
 async fn forward_stdin(mut input: Streaming<ExecInput>, mut stdin: pipe::Sender) {
     while let Some(Ok(msg)) = input.next().await {
         match msg.kind {
-            Some(exec_input::Kind::Stdin(data)) => {
-                if stdin.write_all(&data).await.is_err() {
-                    return;
-                }
+            Some(exec_input::Kind::Stdin(data)) if stdin.write_all(&data).await.is_err() => {
+                return;
             }
             Some(exec_input::Kind::StdinEof(_)) => return,
             _ => {}

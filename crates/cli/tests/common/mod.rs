@@ -60,13 +60,14 @@ fn clear_leftovers(slot: u16) {
     let links: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
     for link in links {
         let Some(name) = link["ifname"].as_str() else { continue };
-        let in_pool = link["addr_info"]
-            .as_array()
-            .is_some_and(|addrs| addrs.iter().any(|a| a["local"].as_str().is_some_and(|ip| ip.starts_with(&pool_prefix))));
+        let in_pool = link["addr_info"].as_array().is_some_and(|addrs| {
+            addrs.iter().any(|a| a["local"].as_str().is_some_and(|ip| ip.starts_with(&pool_prefix)))
+        });
         let Some(id) = name.strip_prefix("tv").filter(|_| in_pool) else { continue };
         let process = format!("torpor-{id}");
         eprintln!("test slot {slot}: removing leftovers of {id} (interface {name})");
-        let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/torpor/{process}/cgroup.procs")).unwrap_or_default();
+        let procs =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/memory/torpor/{process}/cgroup.procs")).unwrap_or_default();
         for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }

@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
-use torpor_api::{ChannelList, AgentConversation, AgentStatus, Channel, ChannelKind, ChannelMessage, CreateChannel};
 use crate::relay::{verify_slack_signature, Reply, Submitted};
+use torpor_api::{AgentConversation, AgentStatus, Channel, ChannelKind, ChannelList, ChannelMessage, CreateChannel};
 
 /// Most text one message may carry.
 const MAX_MESSAGE_CHARS: usize = 100_000;

@@ -8,8 +8,8 @@ mod network;
 mod sandboxes;
 mod templates;
 
-use torpor_api::{Health};
 use std::sync::Arc;
+use torpor_api::Health;
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;

@@ -7,7 +7,7 @@ use axum::Json;
 
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
-use torpor_api::{SandboxList, GuestInfo, CreateSandbox, Sandbox, Usage};
+use torpor_api::{CreateSandbox, GuestInfo, Sandbox, SandboxList, Usage};
 
 /// Runs a lifecycle operation to completion even if the client goes away: axum drops a handler
 /// whose connection closes, which would strand the sandbox halfway between two states.

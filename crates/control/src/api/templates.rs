@@ -8,8 +8,8 @@ use axum::Json;
 use super::{json_body, AppState};
 use crate::error::{ApiError, ErrorBody};
 use crate::manager::Manager;
-use torpor_api::{TemplateList, CreateTemplate, Template};
 use crate::model::TemplateDefaults;
+use torpor_api::{CreateTemplate, Template, TemplateList};
 
 /// Captures a running sandbox (created with `cold_boot`) as a template: it is paused and its
 /// snapshot and disk become the template; the sandbox itself is removed.

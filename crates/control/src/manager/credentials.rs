@@ -14,13 +14,13 @@ use std::time::Duration;
 use torpor_proto::{GUEST_API_PORT, GUEST_GATEWAY};
 
 use super::{now_ms, Busy, Live, Manager};
-use torpor_api::ModelFlavour;
 use crate::error::ApiError;
 use crate::github::{GitHubError, InstallationToken};
 use crate::guest::GuestClient;
-use torpor_api::GitHubGrant;
 use crate::proxy::Tally;
 use crate::store::Record;
+use torpor_api::GitHubGrant;
+use torpor_api::ModelFlavour;
 
 /// Where the guest finds each credential as a file, named like its environment variable.
 pub const CREDENTIALS_DIR: &str = "/run/torpor/credentials";

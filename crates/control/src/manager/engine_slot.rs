@@ -13,9 +13,12 @@ pub type Probe = Box<dyn Fn() -> Result<Arc<dyn Engine>, String> + Send + Sync>;
 /// How often a missing engine is looked for again (each look runs `which` and may time the TSC).
 const RETRY: Duration = Duration::from_secs(1);
 
+/// The engine, or why there is none, and when that was found.
+type Probed = (Result<Arc<dyn Engine>, String>, Instant);
+
 pub struct EngineSlot {
     probe: Probe,
-    current: Mutex<(Result<Arc<dyn Engine>, String>, Instant)>,
+    current: Mutex<Probed>,
 }
 
 impl EngineSlot {

@@ -63,7 +63,8 @@ impl Op {
 pub const VM_EXPECTED: &[State] = &[Creating, Running, Pausing, Resuming];
 
 /// The states no operation starts from: something is under way (or was, when a daemon died).
-pub fn is_transient(state: State) -> bool {
+#[cfg(test)]
+fn is_transient(state: State) -> bool {
     matches!(state, Creating | Pausing | Resuming | Stopping)
 }
 
@@ -119,16 +120,18 @@ mod tests {
     /// table: a change to the table must change this too, on purpose.
     #[test]
     fn the_table_is_the_documented_lifecycle() {
-        let allowed = |op: Op| -> Vec<State> {
-            State::VARIANTS.iter().copied().filter(|s| op.rule().from.contains(s)).collect()
-        };
+        let allowed =
+            |op: Op| -> Vec<State> { State::VARIANTS.iter().copied().filter(|s| op.rule().from.contains(s)).collect() };
         assert_eq!(allowed(Op::Pause), [Running]);
         assert_eq!(allowed(Op::Resume), [Paused]);
         assert_eq!(allowed(Op::Start), [Stopped, Failed]);
         assert_eq!(allowed(Op::Stop), [Running, Paused]);
         assert_eq!(allowed(Op::Delete), [Running, Paused, Stopped, Failed]);
         assert_eq!(Op::Delete.rule().done, None);
-        assert_eq!(Op::Start.refusal("sb-x", Running).message, "sandbox sb-x is running; only a stopped or failed sandbox can be started");
+        assert_eq!(
+            Op::Start.refusal("sb-x", Running).message,
+            "sandbox sb-x is running; only a stopped or failed sandbox can be started"
+        );
     }
 
     /// Every operation from every state, through the store's compare-and-set on a real SQLite

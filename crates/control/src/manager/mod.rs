@@ -27,14 +27,14 @@ use torpor_engine::{logs, Engine, Vm, VmSpec};
 use torpor_image::ImageStore;
 use torpor_net::{AddressPool, SandboxEgress, SandboxNet, Upstream, TAP};
 
-use crate::model::PolicyExt;
-use lifecycle::Op;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::guest::GuestClient;
-use torpor_api::{new_sandbox_id, NetworkInfo, Sandbox, State, BASE_TEMPLATE};
+use crate::model::PolicyExt;
 use crate::model::ValidCreate;
 use crate::store::{Record, Store, StoreError};
+use lifecycle::Op;
+use torpor_api::{new_sandbox_id, NetworkInfo, Sandbox, State, BASE_TEMPLATE};
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 const CONSOLE_TAIL_LINES: usize = 20;
@@ -570,10 +570,7 @@ impl Manager {
         self.stop_egress(&id);
         let _ = live.net.teardown().await;
         let _ = self.store.set_pid(&id, None).await;
-        let _ = self
-            .store
-            .transition(&id, lifecycle::VM_EXPECTED, State::Failed, Some(&reason))
-            .await;
+        let _ = self.store.transition(&id, lifecycle::VM_EXPECTED, State::Failed, Some(&reason)).await;
     }
 
     fn take_live(&self, id: &str) -> Option<Arc<Live>> {

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use torpor_net::{SandboxEgress, SandboxNet};
 
 use super::Manager;
-use crate::model::PolicyExt;
 use crate::error::ApiError;
-use torpor_api::{NetworkPolicy, NetworkStatus, ResolvedAddress, State};
+use crate::model::PolicyExt;
 use crate::store::Record;
+use torpor_api::{NetworkPolicy, NetworkStatus, ResolvedAddress, State};
 
 impl Manager {
     /// Namespace, links, firewall and resolver, with the sandbox's stored policy. On failure

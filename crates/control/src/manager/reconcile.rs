@@ -10,8 +10,8 @@ use torpor_net::SandboxNet;
 
 use super::{guest_client, Live, Manager};
 use crate::error::ApiError;
-use torpor_api::State;
 use crate::store::Record;
+use torpor_api::State;
 
 enum Outcome {
     Adopted,

@@ -14,8 +14,8 @@ use torpor_engine::snapshot;
 use super::lifecycle::Op;
 use super::{guest_client, wait_healthy, Live, Manager};
 use crate::error::ApiError;
-use torpor_api::{Sandbox, State, Usage};
 use crate::store::Record;
+use torpor_api::{Sandbox, State, Usage};
 
 /// How often the auto-pause sweep looks for idle sandboxes.
 const IDLE_SWEEP: Duration = Duration::from_secs(1);

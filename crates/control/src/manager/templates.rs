@@ -15,12 +15,12 @@ use torpor_engine::{snapshot, Engine};
 use torpor_proto::supervisor::IdentityRequest;
 
 use super::{create_private_dir, ensure_secret, wait_healthy, with_console_tail, Live, Manager};
-use crate::model::PolicyExt;
 use crate::error::ApiError;
 use crate::guest::GuestClient;
-use torpor_api::{validate_template_name, NetworkPolicy, State, Template, BASE_TEMPLATE};
+use crate::model::PolicyExt;
 use crate::model::{TemplateDefaults, ValidCreate};
 use crate::store::{Record, TemplateRecord};
+use torpor_api::{validate_template_name, NetworkPolicy, State, Template, BASE_TEMPLATE};
 
 /// The daemon's own file in a template: the secret its supervisor answers to until a clone
 /// takes its own identity (the snapshot and disk are the engine's).

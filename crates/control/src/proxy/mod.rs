@@ -29,9 +29,9 @@ use wire::{
     Refusal,
 };
 
-use torpor_api::ModelFlavour;
 use crate::guest_api::FromSandbox;
 use crate::manager::Manager;
+use torpor_api::ModelFlavour;
 
 const KEY_FILE: &str = "model-proxy-key";
 /// Requests carry whole conversations, images included (the APIs' own limit is about this).

@@ -24,7 +24,7 @@ pub use slack::verify_slack_signature;
 
 use crate::error::ApiError;
 use crate::manager::Manager;
-use torpor_api::{RelayEvent, AgentConfig, Channel, CreateSandbox, State};
+use torpor_api::{AgentConfig, Channel, CreateSandbox, RelayEvent, State};
 use waiting::Waiting;
 
 /// Where a reply goes.

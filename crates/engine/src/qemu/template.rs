@@ -21,7 +21,8 @@ pub(super) async fn capture(run_dir: &Path, template_dir: &Path, reader_group: u
         return Err(fail(format!("{} holds no complete snapshot", run_dir.display())));
     }
     for file in FILES {
-        std::fs::rename(run_dir.join(file), template_dir.join(file)).map_err(|e| fail(format!("moving {file}: {e}")))?;
+        std::fs::rename(run_dir.join(file), template_dir.join(file))
+            .map_err(|e| fail(format!("moving {file}: {e}")))?;
     }
     dig_holes(&snapshot::memory_file(template_dir)).await;
     // Root's, readable (never writable) by the VMs of its clones, which read its disk layer as
