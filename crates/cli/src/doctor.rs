@@ -55,10 +55,10 @@ fn version(program: &str, args: &[&str]) -> Option<String> {
 
 fn programs(cfg: &Config) -> Vec<Check> {
     let mut checks = Vec::new();
-    let qemu = version(&cfg.qemu, &["--version"]);
+    let qemu = version(&cfg.engine.qemu, &["--version"]);
     checks.push(match qemu {
-        Some(v) => check(Status::Ok, &cfg.qemu, v, None),
-        None => check(Status::Fail, &cfg.qemu, "not found", Some("apt-get install qemu-system-x86".into())),
+        Some(v) => check(Status::Ok, &cfg.engine.qemu, v, None),
+        None => check(Status::Fail, &cfg.engine.qemu, "not found", Some("apt-get install qemu-system-x86".into())),
     });
     for (program, package, args, runtime) in PROGRAMS {
         checks.push(match version(program, args) {
@@ -78,7 +78,7 @@ fn programs(cfg: &Config) -> Vec<Check> {
 
 fn accelerator(cfg: &Config) -> Check {
     let host = torpor_engine::HostVirt::probe();
-    match torpor_engine::choose_accel(cfg.accel, host) {
+    match torpor_engine::choose_accel(cfg.engine.accel, host) {
         Ok(choice) => match choice.warning {
             None => check(Status::Ok, "accelerator", choice.accel.to_string(), None),
             Some(warning) => check(

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use torpor_api::ModelFlavour;
-use torpor_engine::AccelPreference;
+use torpor_engine::EngineConfig;
 use torpor_net::AddressPool;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +31,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Built guest images. `$TORPOR_IMAGES`, else `/var/cache/torpor/images`.
     pub image_dir: PathBuf,
-    /// QEMU executable (name on `PATH` or absolute path).
-    pub qemu: String,
-    pub accel: AccelPreference,
+    /// The engine's settings (top-level keys of the file, named by `EngineConfig::KEYS`).
+    #[serde(skip)]
+    pub engine: EngineConfig,
     /// Host-side addresses, one /30 per sandbox.
     pub address_pool: String,
     /// How long a new sandbox may take to answer its first health check.
@@ -55,13 +55,10 @@ pub struct Config {
     /// Each sandbox's VM runs as uid (and gid) `vm_uid_base + its address slot`; the group
     /// `vm_uid_base` may read templates. Pick a range no account on the host uses.
     pub vm_uid_base: u32,
-    /// Memory a VM process may use beyond its guest's RAM for QEMU itself (its heap, device
-    /// emulation, binaries, page tables). Its cgroup's limit is RAM + this (+ the TCG code cache).
+    /// Memory a VM process may use beyond its guest's RAM for the VMM itself (its heap, device
+    /// emulation, binaries, page tables). Its cgroup's limit is RAM + this (+ what the engine
+    /// adds, e.g. a code cache under software emulation).
     pub vmm_overhead_mib: u32,
-    /// Under TCG (no KVM), the translated-code cache of each VM, in MiB, added to its memory
-    /// limit. QEMU's own default (1 GiB) fills as the guest runs new code and would outgrow any
-    /// sensible limit; smaller costs some speed when many different programs run.
-    pub tcg_code_cache_mib: u32,
     /// Most processes and threads in one VM's cgroup.
     pub vm_pids_max: u64,
     /// Disk I/O weight of each VM (1-1000; honoured where the I/O scheduler supports weights).
@@ -159,8 +156,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             data_dir: default_data_dir(),
             image_dir: default_image_dir(),
-            qemu: "qemu-system-x86_64".into(),
-            accel: AccelPreference::Auto,
+            engine: EngineConfig::default(),
             address_pool: "10.240.0.0/16".into(),
             boot_timeout_secs: 120,
             max_file_bytes: 1 << 30,
@@ -174,7 +170,6 @@ impl Default for Config {
             dns_upstreams: Vec::new(),
             vm_uid_base: 1_000_000_000,
             vmm_overhead_mib: 128,
-            tcg_code_cache_mib: 128,
             vm_pids_max: 512,
             vm_io_weight: 100,
             default_disk_mib: 4096,
@@ -257,10 +252,24 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse { path, message: e.to_string() })?
+                Self::parse(&text).map_err(|message| ConfigError::Parse { path, message })?
             }
         };
         config.validate()?;
+        Ok(config)
+    }
+
+    /// The file's text: the engine's keys go to the engine's settings, the rest here.
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut engine = toml::Table::new();
+        for key in EngineConfig::KEYS {
+            if let Some(value) = table.remove(*key) {
+                engine.insert((*key).to_owned(), value);
+            }
+        }
+        let mut config: Config = table.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        config.engine = engine.try_into().map_err(|e: toml::de::Error| e.to_string())?;
         Ok(config)
     }
 
@@ -318,14 +327,14 @@ impl Config {
         if !(1..=1000).contains(&self.vm_io_weight) {
             return invalid("vm_io_weight", "must be between 1 and 1000");
         }
-        if !(16..=1024).contains(&self.tcg_code_cache_mib) {
-            return invalid("tcg_code_cache_mib", "must be between 16 and 1024");
+        if let Err((key, message)) = self.engine.validate() {
+            return Err(ConfigError::Invalid { key, message });
         }
         if self.vmm_overhead_mib < 64 {
-            return invalid("vmm_overhead_mib", "must be at least 64 (QEMU's own memory)");
+            return invalid("vmm_overhead_mib", "must be at least 64 (the VMM's own memory)");
         }
         if self.vm_pids_max < 16 {
-            return invalid("vm_pids_max", "must be at least 16 (QEMU's own threads)");
+            return invalid("vm_pids_max", "must be at least 16 (the VMM's own threads)");
         }
         if self.default_disk_mib < 64 || self.default_disk_mib > self.max_disk_mib {
             return invalid("default_disk_mib", "must be at least 64 and at most max_disk_mib");
@@ -349,15 +358,6 @@ impl Config {
     pub fn sandboxes_dir(&self) -> PathBuf {
         self.data_dir.join("sandboxes")
     }
-
-    /// What the engine is opened with.
-    pub fn engine(&self) -> torpor_engine::EngineConfig {
-        torpor_engine::EngineConfig {
-            qemu: self.qemu.clone(),
-            accel: self.accel,
-            tcg_code_cache_mib: self.tcg_code_cache_mib,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -379,6 +379,24 @@ mod tests {
         assert_eq!(c.max_vcpus, 4);
         assert_eq!(c.default_memory_mib, 512);
         std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Parse { .. })));
+    }
+
+    /// The engine's keys stay where existing files have them, and are the engine's to check.
+    #[test]
+    fn engine_keys_reach_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let engine = EngineConfig::KEYS.join(" ");
+        assert!(engine.contains("accel") && engine.contains("tcg_code_cache_mib"), "{engine}");
+        std::fs::write(&path, "accel = \"tcg\"\ntcg_code_cache_mib = 64\nmax_vcpus = 4\n").unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!((c.engine.tcg_code_cache_mib, c.max_vcpus), (64, 4));
+        assert_eq!(c.engine.accel, torpor_engine::AccelPreference::Tcg);
+        std::fs::write(&path, "tcg_code_cache_mib = 4\n").unwrap();
+        let e = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("tcg_code_cache_mib"), "{e}");
+        std::fs::write(&path, "accel = \"fast\"\n").unwrap();
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Parse { .. })));
     }
 

@@ -43,7 +43,7 @@ pub async fn run(
         .map_err(|e| ServerError::Setup(format!("API key in {}: {e}", cfg.data_dir.display())))?;
     let store = Store::open(&cfg.data_dir.join("torpor.db")).await?;
 
-    let engine_cfg = cfg.engine();
+    let engine_cfg = cfg.engine.clone();
     let warned = std::sync::Once::new();
     let engine: crate::manager::Probe = Box::new(move || {
         let (engine, warning) = torpor_engine::open(&engine_cfg).map_err(|e| e.to_string())?;

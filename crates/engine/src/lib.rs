@@ -123,14 +123,42 @@ pub struct Capabilities {
     pub cow_disks: bool,
 }
 
-/// How to open the engine: the backend and its settings.
-#[derive(Debug, Clone)]
+/// How to open the engine: the backend and its settings. Part of the daemon's configuration
+/// file (top-level keys); the daemon takes these keys out by [`EngineConfig::KEYS`] and leaves
+/// their meaning to this crate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// The QEMU executable (a name is looked up on `PATH`).
     pub qemu: String,
+    /// `auto` (KVM where it can boot stock kernels, else TCG), `kvm` or `tcg`.
     pub accel: AccelPreference,
-    /// Under TCG, QEMU's translated-code cache (see `qemu::cmdline`).
+    /// Under TCG, the translated-code cache of each VM, in MiB, added to its memory limit.
+    /// QEMU's own default (1 GiB) fills as the guest runs new code and would outgrow any
+    /// sensible limit; smaller costs some speed when many different programs run.
     pub tcg_code_cache_mib: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { qemu: "qemu-system-x86_64".into(), accel: AccelPreference::Auto, tcg_code_cache_mib: 128 }
+    }
+}
+
+impl EngineConfig {
+    /// The configuration keys that are the engine's.
+    pub const KEYS: &'static [&'static str] = &["qemu", "accel", "tcg_code_cache_mib"];
+
+    /// `Err((key, why))` for a setting out of range.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(16..=1024).contains(&self.tcg_code_cache_mib) {
+            return Err(("tcg_code_cache_mib", "must be between 16 and 1024".into()));
+        }
+        if self.qemu.is_empty() {
+            return Err(("qemu", "must name the QEMU executable".into()));
+        }
+        Ok(())
+    }
 }
 
 /// An engine for this host, and a line for the operator if it had to settle for less than

@@ -22,7 +22,7 @@ pub(super) async fn detached<T: Send + 'static>(
     (status = 201, body = Sandbox),
     (status = 400, body = ErrorBody, description = "invalid request"),
     (status = 404, body = ErrorBody, description = "unknown template"),
-    (status = 503, body = ErrorBody, description = "QEMU or the guest image is missing"),
+    (status = 503, body = ErrorBody, description = "the VMM or the guest image is missing"),
     (status = 500, body = ErrorBody, description = "the VM did not boot; the message has the console tail"),
 ))]
 pub async fn create(

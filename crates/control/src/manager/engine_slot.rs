@@ -1,4 +1,4 @@
-//! The engine as the daemon has it now. A host missing QEMU (or qemu-img, or with an unusable
+//! The engine as the daemon has it now. A host missing the VMM (or a tool it needs, or with an unusable
 //! /dev/kvm when KVM was asked for) gets a daemon that starts anyway and says what to install;
 //! once the host is fixed, the next request finds the engine, with no restart.
 
@@ -62,14 +62,14 @@ mod tests {
             if seen.load(Ordering::SeqCst) {
                 Err("still a stand-in: no engine in unit tests, but the host was looked at again".into())
             } else {
-                Err("qemu-img was not found; run `apt-get install qemu-utils`".into())
+                Err("a tool the engine needs was not found; run `apt-get install the-tool`".into())
             }
         }));
         let error = |slot: &EngineSlot| slot.get().err().expect("no engine in unit tests");
-        assert!(error(&slot).contains("qemu-utils"));
+        assert!(error(&slot).contains("the-tool"));
         fixed.store(true, Ordering::SeqCst);
         // Looked at again once `RETRY` has passed, not before.
-        assert!(error(&slot).contains("qemu-utils"));
+        assert!(error(&slot).contains("the-tool"));
         slot.current.lock().unwrap().1 -= RETRY;
         assert!(error(&slot).contains("looked at again"));
     }

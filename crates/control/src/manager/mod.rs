@@ -659,7 +659,7 @@ impl Manager {
     async fn kill_stale(&self, rec: &Record) {
         match self.engine() {
             Ok(engine) => engine.kill_stale(&rec.id).await,
-            // QEMU was uninstalled since: its processes can still be running, and still must go.
+            // The VMM was uninstalled since: its processes can still be running, and still must go.
             Err(_) => torpor_engine::kill_stale_vms(&rec.id).await,
         };
     }
