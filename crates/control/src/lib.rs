@@ -2,6 +2,7 @@
 //! in SQLite, and the REST API.
 
 pub mod api;
+pub mod background;
 pub mod config;
 pub mod error;
 pub mod files;

@@ -90,15 +90,20 @@ pub async fn run(
         Ok(n) => tracing::info!(messages = n, "delivering messages taken before the daemon stopped"),
         Err(e) => tracing::error!(error = %e.message, "reading the relay's pending messages"),
     }
-    tokio::spawn(manager.clone().auto_pause());
+    manager.background.spawn("auto-pause", manager.clone().auto_pause());
 
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
     tracing::info!(%listen, data_dir = %cfg.data_dir.display(), "torpor API listening");
     // Client addresses feed the rate limit on failed authentications.
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve)
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Serve);
+    manager.background.shutdown(SHUTDOWN_GRACE).await;
+    served
 }
+
+/// How long background work (a sweep, a relay delivery) has to stop once the API has closed.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Each sandbox holds descriptors in the daemon (its API and resolver sockets, their
 /// connections, its console, its supervisor connection): the soft limit a shell starts us with

@@ -141,6 +141,8 @@ pub struct Manager {
     /// One credential delivery per sandbox at a time: a renewal and a resume never mint two
     /// tokens or land out of order.
     credential_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The auto-pause sweep, VM monitors and the relay's workers.
+    pub background: crate::background::Background,
 }
 
 impl Manager {
@@ -163,6 +165,7 @@ impl Manager {
             github: github.map(Arc::new),
             github_tokens: Mutex::new(HashMap::new()),
             credential_locks: Mutex::new(HashMap::new()),
+            background: Default::default(),
             tokens: Arc::new(tokens),
             guest_api: std::sync::OnceLock::new(),
             guest_api_tasks: Mutex::new(HashMap::new()),
@@ -544,7 +547,7 @@ impl Manager {
     async fn watch(self: &Arc<Self>, id: &str, live: Arc<Live>, from: State) -> Result<(), ApiError> {
         self.live.lock().expect("live table poisoned").insert(id.to_owned(), live.clone());
         self.store.transition(id, &[from], State::Running, None).await?;
-        tokio::spawn(self.clone().monitor(id.to_owned(), live));
+        self.background.spawn("vm-monitor", self.clone().monitor(id.to_owned(), live));
         Ok(())
     }
 

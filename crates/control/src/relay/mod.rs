@@ -216,7 +216,7 @@ impl Relay {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(job);
         queues.insert(queue_key.clone(), tx);
-        tokio::spawn(self.clone().worker(queue_key, rx));
+        self.manager.background.spawn("relay-worker", self.clone().worker(queue_key, rx));
     }
 
     /// Delivers one conversation's messages in order; ends when its queue has been empty a while.
