@@ -4,7 +4,7 @@
 //! and the same disk booted cold with the same processes started by hand. Also the host memory
 //! and disk each sandbox takes.
 //!
-//! Self-contained: a private daemon, a fake Anthropic API on 127.0.0.1 (torpor-lab) behind the
+//! Self-contained: a private daemon, a fake Anthropic API on 127.0.0.1 (torpor-testkit) behind the
 //! model proxy, and the shipped template built in it first (which fetches packages from the real
 //! registries and takes minutes).
 
@@ -46,7 +46,7 @@ pub async fn run(p: Params) -> Result<()> {
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let models_url = format!("http://{}", listener.local_addr()?);
-    let _models = torpor_lab::FakeModels::start(listener, "sk-ant-bench", "sk-bench")?;
+    let _models = torpor_testkit::FakeModels::start(listener, "sk-ant-bench", "sk-bench")?;
     let keys = tempfile::tempdir()?;
     let config = format!(
         "[models.anthropic]\nbase_url = \"{models_url}\"\nkey_file = \"{}\"\n[models.openai]\nbase_url = \"{models_url}\"\nkey_file = \"{}\"\n",

@@ -4,7 +4,7 @@
 //! without credentials, with credentials that only need pushing, and with a GitHub token that
 //! must be minted on the way.
 //!
-//! Self-contained: a lab internet (torpor-lab) with fakes of GitHub and the Anthropic API on
+//! Self-contained: a lab internet (torpor-testkit) with fakes of GitHub and the Anthropic API on
 //! it, and a private daemon configured for them.
 
 use std::time::{Duration, Instant};
@@ -91,12 +91,13 @@ pub async fn run(p: Params) -> Result<()> {
         bail!("--calls and --cycles must be at least 1, --words between 1 and 2000");
     }
     eprintln!("==> lab internet 198.18.{LAB}.0/24 with fake GitHub and Anthropic APIs, and a private daemon");
-    let lab = torpor_lab::Internet::start(LAB, 60)?;
-    let app = torpor_lab::GitHubApp::generate("1", 1)?;
+    let lab = torpor_testkit::Internet::start(LAB, 60)?;
+    let app = torpor_testkit::GitHubApp::generate("1", 1)?;
     let real_key = "sk-ant-bench-key";
     let key_file = private_file(app.dir(), "anthropic.key", real_key)?;
-    let github = torpor_lab::FakeGitHub::start(lab.listen(GITHUB_PORT)?, &app, &["bench"], Duration::from_secs(3600))?;
-    let _models = torpor_lab::FakeModels::start(lab.listen(MODELS_PORT)?, real_key, "unused")?;
+    let github =
+        torpor_testkit::FakeGitHub::start(lab.listen(GITHUB_PORT)?, &app, &["bench"], Duration::from_secs(3600))?;
+    let _models = torpor_testkit::FakeModels::start(lab.listen(MODELS_PORT)?, real_key, "unused")?;
     let (github_host, models_host) = (lab.addr(20), lab.addr(21));
     let config = format!(
         "[github]\napp_id = \"1\"\ninstallation_id = 1\nprivate_key_file = \"{}\"\napi_url = \"http://{github_host}:{GITHUB_PORT}\"\n\

@@ -1,11 +1,8 @@
 //! A private daemon for a benchmark: the `torpor` binary with its own data directory, port and
 //! address pool.
 
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use anyhow::{bail, Context, Result};
 use torpor_client::Client;
 
 /// The `torpor` binary: `$TORPOR_BIN`, else the one next to this benchmark binary, else `torpor`
@@ -20,7 +17,7 @@ fn torpor_binary() -> PathBuf {
 
 /// A private daemon for a benchmark; killed (with its sandboxes' VMs) when dropped.
 pub struct BenchDaemon {
-    child: Child,
+    server: torpor_testkit::Server,
     home: tempfile::TempDir,
 }
 
@@ -37,53 +34,26 @@ impl BenchDaemon {
             home.path().display(),
             Path::new(&image_dir).display(),
         );
-        std::fs::write(home.path().join("config.toml"), config)?;
-        let log = std::fs::File::create(home.path().join("server.log"))?;
-        let child = Command::new(torpor_binary())
-            .args(["server", "--config"])
-            .arg(home.path().join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting a private torpor server")?;
-        let mut daemon = Self { child, home };
+        let config_path = home.path().join("config.toml");
+        std::fs::write(&config_path, config)?;
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!("the private torpor server exited ({status}):\n{}", daemon.log());
-            }
-            if let Ok(key) = std::fs::read_to_string(daemon.home.path().join("api-key")) {
-                let client = Client::new(&url, key.trim());
-                if client.health().await.is_ok() {
-                    return Ok((daemon, client));
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("the private torpor server did not answer within 30 s:\n{}", daemon.log());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let server = torpor_testkit::Server::start(&torpor_binary(), &config_path, home.path(), &url, &[])
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("starting a private torpor server")?;
+        let client = Client::new(&url, server.api_key.clone());
+        Ok((Self { server, home }, client))
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.home.path().join("server.log")).unwrap_or_default()
+        self.server.log()
     }
 }
 
 impl Drop for BenchDaemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.kill();
         // Sandboxes outlive their daemon by design; these are the benchmark's own.
-        if let Ok(entries) = std::fs::read_dir(self.home.path().join("sandboxes")) {
-            for entry in entries.flatten() {
-                let id = entry.file_name().to_string_lossy().into_owned();
-                let _ = Command::new("pkill").args(["-KILL", "-f", &format!("torpor-{id}")]).status();
-                let _ = Command::new("ip").args(["link", "del", &format!("tv{id}")]).status();
-                let _ = Command::new("ip").args(["netns", "del", &format!("torpor-{id}")]).status();
-            }
-        }
+        torpor_testkit::remove_sandboxes_of(self.home.path());
     }
 }

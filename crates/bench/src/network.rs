@@ -2,7 +2,7 @@
 //! from a sandbox to a host it may reach, under `open` and `allowlist` side by side, and how
 //! fast the sandbox resolver answers.
 //!
-//! Self-contained: it starts a lab internet (torpor-lab, never routed off this machine) and a
+//! Self-contained: it starts a lab internet (torpor-testkit, never routed off this machine) and a
 //! private daemon whose resolver forwards to the lab's DNS server, so the numbers do not depend
 //! on this host's real network.
 
@@ -123,7 +123,7 @@ pub async fn run(p: Params) -> Result<()> {
         bail!("--connects and --bulk-runs must be at least 1, --dns-queries between 1 and 200");
     }
     eprintln!("==> lab internet 198.18.{LAB}.0/24 and a private daemon (pool {POOL})");
-    let lab = torpor_lab::Internet::start(LAB, 60)?;
+    let lab = torpor_testkit::Internet::start(LAB, 60)?;
     let target = lab.addr(10);
     let mut records: Vec<(String, std::net::Ipv4Addr)> = vec![(TARGET.into(), target)];
     for prefix in ["o", "a"] {

@@ -2,7 +2,7 @@
 //! reply arriving at Telegram, for a paused sandbox and a running one side by side, and how much
 //! of the paused case is the resume itself.
 //!
-//! Self-contained: a fake Telegram Bot API on 127.0.0.1 (torpor-lab) and a private daemon with
+//! Self-contained: a fake Telegram Bot API on 127.0.0.1 (torpor-testkit) and a private daemon with
 //! a Telegram channel whose sandbox runs the `echo` agent.
 
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ pub async fn run(runs: usize) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let telegram = torpor_lab::FakeTelegram::start(BOT_TOKEN).await?;
+    let telegram = torpor_testkit::FakeTelegram::start(BOT_TOKEN).await?;
     let secrets = tempfile::tempdir()?;
     let config = format!(
         "telegram_api_url = \"{}\"\n[secrets.BOT]\nfile = \"{}\"\n[secrets.HOOK]\nfile = \"{}\"\n",

@@ -16,7 +16,7 @@ use common::channel::{create_channel, done, pause, send};
 use common::{private_file, sh, Daemon, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use torpor_lab::{FakeModels, ToolScript};
+use torpor_testkit::{FakeModels, ToolScript};
 
 const MODELS_PORT: u16 = 8081;
 
@@ -58,7 +58,7 @@ async fn coder_template_starts_warm_and_runs_a_real_agent_through_the_relay() {
     let openai_key = "sk-real-coder-test-9d3e7b";
     let anthropic_file = private_file(dir.path(), "anthropic.key", anthropic_key);
     let openai_file = private_file(dir.path(), "openai.key", openai_key);
-    let lab_config = move |lab: &torpor_lab::Internet| {
+    let lab_config = move |lab: &torpor_testkit::Internet| {
         let models = format!("http://{}:{MODELS_PORT}", lab.addr(21));
         format!(
             "[models.anthropic]\nbase_url = \"{models}\"\nkey_file = \"{}\"\n\

@@ -1,5 +1,5 @@
 //! Short-lived credentials and the model proxy, end to end, against local fakes of GitHub and of
-//! the model APIs (torpor-lab) that check what the real services check: GitHub App tokens
+//! the model APIs (torpor-testkit) that check what the real services check: GitHub App tokens
 //! scoped, renewed on resume and before expiry, revoked when replaced, and reaching long-running
 //! processes through git's credential helper; model calls through the proxy whole and streamed,
 //! metered, cut off at the budget; and the real upstream key nowhere in the guest or the logs.
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{private_file, sh, wait_for, Daemon, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use torpor_lab::{FakeGitHub, FakeModels, GitHubApp};
+use torpor_testkit::{FakeGitHub, FakeModels, GitHubApp};
 
 const GITHUB_PORT: u16 = 8080;
 const MODELS_PORT: u16 = 8081;
@@ -43,7 +43,7 @@ async fn lab(token_lifetime: Duration, extra_config: &str) -> Lab {
     let anthropic_file = private_file(app.dir(), "anthropic.key", &anthropic_key);
     let openai_file = private_file(app.dir(), "openai.key", &openai_key);
     let key_file = app.private_key_file();
-    let lab_config = move |lab: &torpor_lab::Internet| {
+    let lab_config = move |lab: &torpor_testkit::Internet| {
         let github = format!("http://{}:{GITHUB_PORT}", lab.addr(20));
         let models = format!("http://{}:{MODELS_PORT}", lab.addr(21));
         format!(

@@ -1,4 +1,4 @@
-//! Egress policy, end to end: real sandboxes reaching a lab internet (torpor-lab) through their
+//! Egress policy, end to end: real sandboxes reaching a lab internet (torpor-testkit) through their
 //! namespace's firewall and resolver. Everything is checked from inside the guest, with the
 //! tools an agent would use (curl, ping, python).
 

@@ -1,7 +1,7 @@
 //! The relay, end to end: messages on HTTP, Telegram and Slack channels reach the agent in a
 //! real sandbox (waking it when paused), replies come back the way the message came, and
 //! duplicates, bursts, bad signatures and sandboxes that cannot wake are handled. Telegram and
-//! Slack are local fakes (torpor-lab) that check what the real APIs check.
+//! Slack are local fakes (torpor-testkit) that check what the real APIs check.
 
 mod common;
 
@@ -11,7 +11,7 @@ use common::channel::{create_channel, done, pause, send};
 use common::{private_file, wait_for, Daemon, Options};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use torpor_lab::{slack_signature, FakeSlack, FakeTelegram};
+use torpor_testkit::{slack_signature, FakeSlack, FakeTelegram};
 
 #[tokio::test]
 async fn http_channel_wakes_its_sandbox_continues_the_conversation_and_streams() {

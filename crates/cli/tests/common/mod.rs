@@ -8,7 +8,7 @@ pub mod channel;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
@@ -64,15 +64,8 @@ fn clear_leftovers(slot: u16) {
             addrs.iter().any(|a| a["local"].as_str().is_some_and(|ip| ip.starts_with(&pool_prefix)))
         });
         let Some(id) = name.strip_prefix("tv").filter(|_| in_pool) else { continue };
-        let process = format!("torpor-{id}");
         eprintln!("test slot {slot}: removing leftovers of {id} (interface {name})");
-        let procs =
-            std::fs::read_to_string(format!("/sys/fs/cgroup/memory/torpor/{process}/cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = Command::new("ip").args(["link", "del", name]).status();
-        let _ = Command::new("ip").args(["netns", "del", &process]).status();
+        torpor_testkit::remove_sandbox(id);
     }
 }
 
@@ -83,22 +76,22 @@ pub struct Daemon {
     pub url: String,
     pub api_key: String,
     pub config_path: PathBuf,
-    child: Option<Child>,
+    server: Option<torpor_testkit::Server>,
     _slot_lock: std::fs::File,
     http: reqwest::Client,
     /// Dropped after the daemon (and its sandboxes) are gone.
-    pub internet: Option<torpor_lab::Internet>,
+    pub internet: Option<torpor_testkit::Internet>,
 }
 
 /// Config text derived from the lab internet's addresses.
-pub type LabConfig = std::sync::Arc<dyn Fn(&torpor_lab::Internet) -> String + Send + Sync>;
+pub type LabConfig = std::sync::Arc<dyn Fn(&torpor_testkit::Internet) -> String + Send + Sync>;
 
 /// Extra TOML lines for a test daemon's config.
 #[derive(Default, Clone)]
 pub struct Options {
     pub extra_config: String,
     pub image_dir: Option<PathBuf>,
-    /// Start a lab internet (torpor-lab) for this daemon, with records of this TTL, and make
+    /// Start a lab internet (torpor-testkit) for this daemon, with records of this TTL, and make
     /// its DNS server the daemon's upstream (unless `host_dns`).
     pub internet_ttl: Option<u32>,
     /// Keep the host's resolver as the sandboxes' upstream even with a lab internet: for
@@ -120,7 +113,8 @@ impl Daemon {
         clear_leftovers(slot);
         let home = tempfile::Builder::new().prefix("torpor-test-").tempdir().expect("temp home");
         let port = 17100 + slot;
-        let internet = opts.internet_ttl.map(|ttl| torpor_lab::Internet::start(slot as u8, ttl).expect("lab internet"));
+        let internet =
+            opts.internet_ttl.map(|ttl| torpor_testkit::Internet::start(slot as u8, ttl).expect("lab internet"));
         let upstream = match &internet {
             Some(_) if opts.host_dns => String::new(),
             Some(net) => format!("dns_upstreams = [\"{}\"]\n", net.dns_server()),
@@ -148,7 +142,7 @@ impl Daemon {
             api_key: String::new(),
             config_path,
             home,
-            child: None,
+            server: None,
             _slot_lock: lock,
             http: reqwest::Client::new(),
         };
@@ -157,46 +151,32 @@ impl Daemon {
     }
 
     /// Starts (or restarts) the server process and waits for it to answer.
+    /// Starts the server (again, after `kill_server`, with the same config and data).
     pub async fn spawn(&mut self) {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.home.path().join("server.log")).unwrap();
-        let child = Command::new(TORPOR)
-            .args(["server", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            // The jail tests check that nothing of the daemon's environment reaches a VM.
-            .env(ENV_SENTINEL, "must-not-reach-the-vm")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawning torpor server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(resp) = self.http.get(format!("{}/v1/health", self.url)).send().await {
-                if resp.status().is_success() {
-                    break;
-                }
+        let started = match self.server.as_mut() {
+            Some(server) => server.restart().await,
+            None => {
+                // The jail tests check that nothing of the daemon's environment reaches a VM.
+                let env = [(ENV_SENTINEL, "must-not-reach-the-vm")];
+                torpor_testkit::Server::start(Path::new(TORPOR), &self.config_path, self.home.path(), &self.url, &env)
+                    .await
+                    .map(|server| self.server = Some(server))
             }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("torpor server exited ({status}):\n{}", self.server_log());
-            }
-            assert!(Instant::now() < deadline, "torpor server did not answer within 30 s:\n{}", self.server_log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if let Err(e) = started {
+            panic!("{e}");
         }
-        self.api_key = std::fs::read_to_string(self.home.path().join("api-key")).unwrap().trim().to_owned();
+        self.api_key = self.server.as_ref().expect("started").api_key.clone();
     }
 
     pub fn server_pid(&self) -> u32 {
-        self.child.as_ref().expect("the server runs").id()
+        self.server.as_ref().and_then(torpor_testkit::Server::pid).expect("the server runs")
     }
 
     /// Kills the server process the hard way (sandboxes keep running).
     pub fn kill_server(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(server) = self.server.as_mut() {
+            server.kill();
         }
     }
 
@@ -310,19 +290,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill_server();
-        // Whatever a failed test left running: its VMs and namespaces.
-        if let Ok(entries) = std::fs::read_dir(self.home.path().join("sandboxes")) {
-            for e in entries.flatten() {
-                let id = e.file_name().to_string_lossy().into_owned();
-                for pid in vm_pids(&id) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                let _ = Command::new("ip").args(["netns", "del", &format!("torpor-{id}")]).status();
-            }
-        }
+        // Whatever a failed test left running: its VMs, veths and namespaces.
+        torpor_testkit::remove_sandboxes_of(self.home.path());
     }
 }
 

@@ -158,7 +158,7 @@ mod tests {
     /// is the number of messages it becomes.
     #[tokio::test]
     async fn an_endless_answer_is_cut_and_sent_in_few_messages() {
-        let telegram = torpor_lab::FakeTelegram::start("1:test").await.unwrap();
+        let telegram = torpor_testkit::FakeTelegram::start("1:test").await.unwrap();
         let secrets = tempfile::tempdir().unwrap();
         let token = secrets.path().join("bot");
         std::fs::write(&token, "1:test").unwrap();

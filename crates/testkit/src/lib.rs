@@ -1,4 +1,5 @@
-//! A small internet on this machine, for tests and benchmarks of sandbox egress.
+//! What Torpor's tests and benchmarks share: [`Server`], a private `torpor server`; a small
+//! internet on this machine for sandbox egress; and fakes of the outside services.
 //!
 //! `Internet::start(n)` makes a network namespace holding every address of `198.18.n.0/24`
 //! (RFC 2544 benchmarking space: public as far as a sandbox's policy is concerned, yet routed
@@ -19,10 +20,12 @@
 mod chat;
 mod github;
 mod models;
+mod server;
 
 pub use chat::{slack_signature, FakeSlack, FakeTelegram, SlackPost, TelegramMessage};
 pub use github::{FakeGitHub, GitHubApp};
 pub use models::{FakeModels, ModelRequest, ToolScript};
+pub use server::{remove_sandbox, remove_sandboxes_of, Server};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};

@@ -1,12 +1,12 @@
 //! The fake model API on its own, for trying an agent by hand against a daemon:
-//! `cargo run -p torpor-lab --example fake_models -- 127.0.0.1:9100 ANTHROPIC_KEY OPENAI_KEY`,
+//! `cargo run -p torpor-testkit --example fake_models -- 127.0.0.1:9100 ANTHROPIC_KEY OPENAI_KEY`,
 //! then point the daemon's `[models.*] base_url` at it. A message containing TORPOR-TASK makes
 //! the model write /root/work/hello.py and run it (Claude Code's Write and Bash tools, or
 //! Codex's shell); anything else is echoed with the conversation's first message.
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use torpor_lab::{FakeModels, ToolScript};
+use torpor_testkit::{FakeModels, ToolScript};
 
 #[tokio::main]
 async fn main() -> Result<()> {
