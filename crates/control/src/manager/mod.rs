@@ -460,10 +460,7 @@ impl Manager {
                 let _ = self.teardown_net(&cleanup_rec).await;
                 Err(github_error(e))
             }
-            (Err(e), _) => {
-                self.forget_credentials(&id);
-                Err(e)
-            }
+            (Err(e), _) => Err(e),
             (ok, Ok(())) => ok,
         };
         match result {
@@ -476,6 +473,8 @@ impl Manager {
                 tracing::warn!(%id, error = %e.message, "create failed; removing everything it set up");
                 let _ = std::fs::remove_dir_all(self.run_dir(&id));
                 self.store.delete(&id).await?;
+                // Whichever step failed, nothing of it stays in memory (a token minted, its lock).
+                self.forget(&id);
                 Err(e)
             }
         }
