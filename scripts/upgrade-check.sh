@@ -21,7 +21,8 @@ CONF
 export TORPOR_URL="http://127.0.0.1:$port" TORPOR_API_KEY_FILE="$home/api-key"
 pid=
 start() {
-  "$1" server --config "$home/config.toml" >>"$home/server.log" 2>&1 &
+  # An old `torpor server` read the API key file it was about to create.
+  env -u TORPOR_API_KEY_FILE "$1" server --config "$home/config.toml" >>"$home/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 300); do
     curl -sf "$TORPOR_URL/v1/health" >/dev/null 2>&1 && return 0

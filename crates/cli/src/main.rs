@@ -84,16 +84,17 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let api_key = api_key(cli.api_key_file.as_deref())?;
+        // Only the commands that call the API need its key: `server` creates it.
+        let api_key = || api_key(cli.api_key_file.as_deref());
         match cli.command {
             Command::Server { config, listen } => run_server(config, listen).await.map(|_| ExitCode::SUCCESS),
             Command::Image(cmd) => image::run(cmd).map(|_| ExitCode::SUCCESS),
             Command::Doctor { config, wait } => {
                 doctor::run(&cli.url, config, std::time::Duration::from_secs(wait)).await
             }
-            Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, api_key).await,
-            Command::Channel(cmd) => channel::run(cmd, &cli.url, api_key).await,
-            Command::Template(cmd) => template::run(cmd, &cli.url, api_key).await.map(|_| ExitCode::SUCCESS),
+            Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, api_key()?).await,
+            Command::Channel(cmd) => channel::run(cmd, &cli.url, api_key()?).await,
+            Command::Template(cmd) => template::run(cmd, &cli.url, api_key()?).await.map(|_| ExitCode::SUCCESS),
             Command::Bench { args } => Err(bench::run(&args, &cli.url, cli.api_key_file.as_deref())),
         }
     });
