@@ -7,6 +7,8 @@
 
 mod accel;
 pub mod cgroup;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub mod jail;
 pub mod logs;
 mod process;
