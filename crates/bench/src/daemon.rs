@@ -5,14 +5,21 @@ use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use torpor_client::Client;
 
-/// The `torpor` binary: `$TORPOR_BIN`, else the one next to this benchmark binary, else `torpor`
-/// on the PATH.
+/// The `torpor` binary: `$TORPOR_BIN`, else the one beside this benchmark binary (both come out
+/// of one `cargo build`), else `torpor` on the PATH. Said on stderr, with its version: a
+/// benchmark of the wrong build is worse than none.
 fn torpor_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("TORPOR_BIN") {
-        return bin.into();
-    }
-    let sibling = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("torpor")));
-    sibling.filter(|p| p.is_file()).unwrap_or_else(|| "torpor".into())
+    let binary = std::env::var_os("TORPOR_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        let sibling = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("torpor")));
+        sibling.filter(|p| p.is_file()).unwrap_or_else(|| "torpor".into())
+    });
+    let version = std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("cannot run it: {e}"));
+    eprintln!("==> daemon: {} ({version})", binary.display());
+    binary
 }
 
 /// A private daemon for a benchmark; killed (with its sandboxes' VMs) when dropped.

@@ -1,6 +1,9 @@
-//! The daemon's background work as named tasks in one set, so that a shutdown stops them in
-//! order (and says which did not stop) instead of dropping them with the runtime. Sandboxes
-//! themselves keep running: their VMs are not the daemon's tasks.
+//! The daemon's background work as named tasks in one set, so that a shutdown stops them all
+//! before the daemon exits instead of leaving them to the runtime's teardown. A task stops at its
+//! next await, as it would if the process ended there: what it was doing must already be safe to
+//! cut (the relay marks a message delivered only after its reply went out, so a cut delivery is
+//! made again after a restart; a cut pause or resume is what reconcile finishes). Sandboxes keep
+//! running: their VMs are not the daemon's tasks.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -47,8 +50,8 @@ impl Background {
         tasks.len()
     }
 
-    /// Tells every task to stop and waits up to `grace` for them; the names of any that did not
-    /// stop in time are logged, and they are then aborted.
+    /// Tells every task to stop and waits up to `grace` for them to end; any still running then
+    /// (one stuck in blocking code) is counted in the log and aborted.
     pub async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
         let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("task set poisoned"));

@@ -102,7 +102,7 @@ pub async fn run(
     served
 }
 
-/// How long background work (a sweep, a relay delivery) has to stop once the API has closed.
+/// How long background tasks have to end once told to (they end at their next await).
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Each sandbox holds descriptors in the daemon (its API and resolver sockets, their

@@ -65,6 +65,18 @@ impl FakeEngine {
         self.lock().running.contains_key(id)
     }
 
+    /// Ends VM `pid` of sandbox `id`, if it is still the one running (a stale handle must not
+    /// end its sandbox's next VM).
+    fn end(&self, id: &str, pid: u32, why: &str) -> bool {
+        let mut state = self.lock();
+        if state.running.get(id).is_none_or(|(running, _)| *running != pid) {
+            return false;
+        }
+        let (_, exit) = state.running.remove(id).expect("checked");
+        exit.send_replace(Some(VmExit { description: why.to_owned() }));
+        true
+    }
+
     /// How many VMs were launched cold and restored from snapshots, in all.
     pub fn counts(&self) -> (u32, u32) {
         let state = self.lock();
@@ -211,7 +223,7 @@ impl Vm for FakeVm {
     }
 
     async fn terminate(&self) {
-        self.engine.kill(&self.id, "terminated");
+        self.engine.end(&self.id, self.pid, "terminated");
     }
 
     async fn pause_to_snapshot(&self, spec: &VmSpec) -> Result<SnapshotMeta, EngineError> {
@@ -220,12 +232,12 @@ impl Vm for FakeVm {
         std::fs::write(&state, format!("device state of {}", spec.id))
             .map_err(crate::io(format!("writing {}", state.display())))?;
         let meta = snapshot::seal(&spec.run_dir, ENGINE, spec.vcpus, spec.memory_mib)?;
-        self.engine.kill(&self.id, "paused");
+        self.engine.end(&self.id, self.pid, "paused");
         Ok(meta)
     }
 
     async fn guest_running(&self) -> Result<bool, EngineError> {
-        Ok(self.engine.is_running(&self.id))
+        Ok(self.engine.find_vm(&self.id) == Some(self.pid))
     }
 
     async fn continue_guest(&self) -> Result<(), EngineError> {

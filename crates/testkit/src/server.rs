@@ -52,7 +52,6 @@ impl Server {
         let child = Command::new(&self.binary)
             .args(["server", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)

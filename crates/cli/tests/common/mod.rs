@@ -157,7 +157,7 @@ impl Daemon {
             Some(server) => server.restart().await,
             None => {
                 // The jail tests check that nothing of the daemon's environment reaches a VM.
-                let env = [(ENV_SENTINEL, "must-not-reach-the-vm")];
+                let env = [(ENV_SENTINEL, "must-not-reach-the-vm"), ("RUST_LOG", "info")];
                 torpor_testkit::Server::start(Path::new(TORPOR), &self.config_path, self.home.path(), &self.url, &env)
                     .await
                     .map(|server| self.server = Some(server))

@@ -471,10 +471,10 @@ impl Manager {
             }
             Err(e) => {
                 tracing::warn!(%id, error = %e.message, "create failed; removing everything it set up");
-                let _ = std::fs::remove_dir_all(self.run_dir(&id));
-                self.store.delete(&id).await?;
                 // Whichever step failed, nothing of it stays in memory (a token minted, its lock).
                 self.forget(&id);
+                let _ = std::fs::remove_dir_all(self.run_dir(&id));
+                self.store.delete(&id).await?;
                 Err(e)
             }
         }

@@ -136,7 +136,14 @@ impl Manager {
                 .capture_template(&run_dir, &dir, self.cfg.vm_uid_base)
                 .await
                 .map_err(|e| ApiError::internal(format!("capturing template {name}: {e}")))?;
-            std::fs::rename(run_dir.join(SECRET), dir.join(SECRET))
+            // Only the daemon reads it: not the build VM's group it had, not the clones'.
+            let secret = dir.join(SECRET);
+            std::fs::rename(run_dir.join(SECRET), &secret)
+                .and_then(|()| std::os::unix::fs::chown(&secret, Some(0), Some(0)))
+                .and_then(|()| {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+                })
                 .map_err(|e| ApiError::internal(format!("moving the secret into template {name}: {e}")))
         };
         if let Err(e) = captured.await {

@@ -394,9 +394,9 @@ impl Vm for QemuVm {
     }
 
     async fn wait_exit(&self) -> VmExit {
-        let exit = self.exit.wait().await;
-        self.forget_socket();
-        exit
+        // The socket stays: whoever waits here (the VM monitor) holds no op lock, and by the time
+        // it runs the same path may belong to the sandbox's next VM. The next spawn replaces it.
+        self.exit.wait().await
     }
 
     async fn terminate(&self) {

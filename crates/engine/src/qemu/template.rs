@@ -66,10 +66,11 @@ pub(super) async fn copy_memory(template_dir: &Path, run_dir: &Path) -> Result<(
         .await
         .map_err(crate::io("running cp"))?;
     if !out.status.success() {
-        return Err(EngineError::Template {
-            dir: template_dir.to_owned(),
-            reason: format!("copying its memory: {}", String::from_utf8_lossy(&out.stderr).trim()),
-        });
+        return Err(EngineError::Load(format!(
+            "copying the memory of template {}: {}",
+            template_dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(())
 }
