@@ -18,14 +18,14 @@ data_dir = "$home"
 address_pool = "10.231.0.0/16"
 vm_uid_base = 1500000000
 CONF
-export TORPOR_URL="http://127.0.0.1:$port" TORPOR_API_KEY_FILE="$home/api-key"
+export TORPOR_URL="http://127.0.0.1:$port"
 pid=
 start() {
-  # An old `torpor server` read the API key file it was about to create.
-  env -u TORPOR_API_KEY_FILE "$1" server --config "$home/config.toml" >>"$home/server.log" 2>&1 &
+  "$1" server --config "$home/config.toml" >>"$home/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 300); do
-    curl -sf "$TORPOR_URL/v1/health" >/dev/null 2>&1 && return 0
+    # The key as a value: older CLIs know no key file variable.
+    curl -sf "$TORPOR_URL/v1/health" >/dev/null 2>&1 && { TORPOR_API_KEY=$(cat "$home/api-key"); export TORPOR_API_KEY; return 0; }
     kill -0 "$pid" 2>/dev/null || { cat "$home/server.log"; echo "the daemon ($1) exited" >&2; exit 1; }
     sleep 0.1
   done
