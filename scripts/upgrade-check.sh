@@ -57,7 +57,9 @@ kill "$pid"; wait "$pid" || true
 
 echo "==> the new daemon: $("$new" --version)"
 start "$new"
-"$new" sandbox get "$running" | grep -q 'state: *running' || { "$new" sandbox get "$running"; exit 1; }
+if ! "$new" sandbox get "$running" | grep -q 'state: *running'; then
+  "$new" sandbox get "$running"; tail -n 30 "$home/server.log"; exit 1
+fi
 [ "$("$new" sandbox exec "$running" -- sh -c "$check")" = ok ]
 echo "running sandbox adopted: its file and its process are there"
 "$new" sandbox resume "$paused"
