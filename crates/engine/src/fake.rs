@@ -201,6 +201,8 @@ impl Engine for FakeEngine {
     async fn kill_stale(&self, id: &str) -> usize {
         usize::from(self.kill(id, "killed as stale"))
     }
+
+    fn release_run_dir(&self, _run_dir: &Path) {}
 }
 
 pub struct FakeVm {

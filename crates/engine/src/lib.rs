@@ -221,6 +221,9 @@ pub trait Engine: Send + Sync {
     /// Kills every VM process of sandbox `id` that no live handle owns (left by an earlier
     /// daemon, or by an operation cut short before its pid was recorded). Returns how many.
     async fn kill_stale(&self, id: &str) -> usize;
+    /// Removes what a VM that is gone left in its run directory besides its disk and snapshot
+    /// (its control socket, for QEMU), once the sandbox is stopped.
+    fn release_run_dir(&self, run_dir: &Path);
 }
 
 #[async_trait]

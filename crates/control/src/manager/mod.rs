@@ -613,6 +613,9 @@ impl Manager {
     }
 
     async fn finish_stop(&self, id: &str) -> Result<(), ApiError> {
+        if let Some(engine) = self.engine.cached() {
+            engine.release_run_dir(&self.run_dir(id));
+        }
         self.store.set_pid(id, None).await?;
         self.finish(id, Op::Stop).await
     }

@@ -19,8 +19,11 @@ pub fn disk(spec: &VmSpec) -> std::path::PathBuf {
     spec.run_dir.join(DISK)
 }
 
+/// The VMM's control socket, in the run directory (root's, so the VM cannot replace it).
+pub const QMP_SOCKET: &str = "qmp.sock";
+
 pub fn qmp_socket(spec: &VmSpec) -> std::path::PathBuf {
-    spec.run_dir.join("qmp.sock")
+    spec.run_dir.join(QMP_SOCKET)
 }
 
 /// `tsc_khz` is the host TSC frequency, given to TCG guests: they otherwise calibrate against the

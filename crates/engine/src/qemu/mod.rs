@@ -300,6 +300,11 @@ impl Engine for QemuEngine {
         vm_pids(id).first().copied()
     }
 
+    fn release_run_dir(&self, run_dir: &Path) {
+        let _ = std::fs::remove_file(run_dir.join(cmdline::QMP_SOCKET));
+        let _ = std::fs::remove_dir_all(run_dir.join(LEGACY_VMM_DIR));
+    }
+
     async fn kill_stale(&self, id: &str) -> usize {
         kill_stale_vms(id).await
     }
