@@ -16,6 +16,8 @@ cargo deny --version >/dev/null 2>&1 || cargo install --locked --quiet cargo-den
 for tool in fmt clippy deny; do
   cargo "$tool" --version >/dev/null 2>&1 || { echo "cargo $tool is missing after installing it" >&2; exit 1; }
 done
+# `cargo deny --offline` below reads the crates' metadata from the local registry.
+cargo fetch --quiet
 echo "==> cargo fmt --check"
 cargo fmt --all --check
 echo "==> cargo clippy"
