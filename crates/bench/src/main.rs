@@ -15,7 +15,7 @@ mod wake;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -149,16 +149,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let client = || -> Result<torpor_client::Client> {
-        let key = match &cli.api_key_file {
-            Some(file) => std::fs::read_to_string(file)
-                .with_context(|| format!("reading the API key from {}", file.display()))?
-                .trim()
-                .to_owned(),
-            None => match std::env::var("TORPOR_API_KEY").ok().filter(|k| !k.trim().is_empty()) {
-                Some(key) => key,
-                None => torpor_client::read_default_api_key()?,
-            },
-        };
+        let key = torpor_client::find_api_key(cli.api_key_file.as_deref())?;
         Ok(torpor_client::Client::new(&cli.url, key))
     };
     match cli.command {

@@ -66,8 +66,8 @@ pub enum ChannelCommand {
     },
 }
 
-pub async fn run(cmd: ChannelCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
-    let client = crate::client::connect(url, api_key)?;
+pub async fn run(cmd: ChannelCommand, url: &str, key_file: Option<&std::path::Path>) -> Result<ExitCode> {
+    let client = crate::client::connect(url, key_file)?;
     match cmd {
         ChannelCommand::Create {
             name,

@@ -3,12 +3,8 @@
 use anyhow::Result;
 pub use torpor_client::Client;
 
-/// A client for the daemon at `base`, with `api_key` or else the key the daemon keeps in its
-/// data directory (readable by root).
-pub fn connect(base: &str, api_key: Option<String>) -> Result<Client> {
-    let api_key = match api_key {
-        Some(k) => k,
-        None => torpor_client::read_default_api_key()?,
-    };
-    Ok(Client::new(base, api_key))
+/// A client for the daemon at `base`, with the key in `key_file`, else `$TORPOR_API_KEY`, else
+/// the one the daemon keeps in its data directory (readable by root).
+pub fn connect(base: &str, key_file: Option<&std::path::Path>) -> Result<Client> {
+    Ok(Client::new(base, torpor_client::find_api_key(key_file)?))
 }

@@ -84,17 +84,17 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        // Only the commands that call the API need its key: `server` creates it.
-        let api_key = || api_key(cli.api_key_file.as_deref());
+        // Only the commands that call the API read its key (`server` creates it).
+        let key_file = cli.api_key_file.as_deref();
         match cli.command {
             Command::Server { config, listen } => run_server(config, listen).await.map(|_| ExitCode::SUCCESS),
             Command::Image(cmd) => image::run(cmd).map(|_| ExitCode::SUCCESS),
             Command::Doctor { config, wait } => {
                 doctor::run(&cli.url, config, std::time::Duration::from_secs(wait)).await
             }
-            Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, api_key()?).await,
-            Command::Channel(cmd) => channel::run(cmd, &cli.url, api_key()?).await,
-            Command::Template(cmd) => template::run(cmd, &cli.url, api_key()?).await.map(|_| ExitCode::SUCCESS),
+            Command::Sandbox(cmd) => sandbox::run(cmd, &cli.url, key_file).await,
+            Command::Channel(cmd) => channel::run(cmd, &cli.url, key_file).await,
+            Command::Template(cmd) => template::run(cmd, &cli.url, key_file).await.map(|_| ExitCode::SUCCESS),
             Command::Bench { args } => Err(bench::run(&args, &cli.url, cli.api_key_file.as_deref())),
         }
     });
@@ -105,18 +105,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The key from `--api-key-file`, else `$TORPOR_API_KEY`; `None`: the client reads the
-/// daemon's own key file.
-fn api_key(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    use anyhow::Context;
-    if let Some(file) = file {
-        let key =
-            std::fs::read_to_string(file).with_context(|| format!("reading the API key from {}", file.display()))?;
-        return Ok(Some(key.trim().to_owned()));
-    }
-    Ok(std::env::var("TORPOR_API_KEY").ok().filter(|k| !k.trim().is_empty()))
 }
 
 async fn run_server(config: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {

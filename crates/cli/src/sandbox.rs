@@ -119,8 +119,8 @@ pub fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
     Ok(env)
 }
 
-pub async fn run(cmd: SandboxCommand, url: &str, api_key: Option<String>) -> Result<ExitCode> {
-    let client = crate::client::connect(url, api_key)?;
+pub async fn run(cmd: SandboxCommand, url: &str, key_file: Option<&std::path::Path>) -> Result<ExitCode> {
+    let client = crate::client::connect(url, key_file)?;
     match cmd {
         SandboxCommand::Create {
             template,

@@ -35,8 +35,8 @@ pub enum TemplateCommand {
     Rm { name: String },
 }
 
-pub async fn run(cmd: TemplateCommand, url: &str, api_key: Option<String>) -> Result<()> {
-    let client = crate::client::connect(url, api_key)?;
+pub async fn run(cmd: TemplateCommand, url: &str, key_file: Option<&std::path::Path>) -> Result<()> {
+    let client = crate::client::connect(url, key_file)?;
     match cmd {
         TemplateCommand::Build { name, file, ca_certs } => {
             let origin = match file {

@@ -24,6 +24,12 @@ pub enum Error {
     },
     #[error("{0}")]
     Protocol(String),
+    #[error("reading the API key from {}", path.display())]
+    ApiKeyFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no API key: set TORPOR_API_KEY or --api-key-file, or run as a user who can read {} (it is created when `torpor server` first starts)", path.display())]
     NoApiKey {
         path: std::path::PathBuf,

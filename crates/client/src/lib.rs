@@ -199,6 +199,20 @@ pub fn default_api_key_file() -> std::path::PathBuf {
         .join("api-key")
 }
 
+/// The API key the way every Torpor command finds it: from `file` if one is given, else
+/// `$TORPOR_API_KEY`, else [`default_api_key_file`].
+pub fn find_api_key(file: Option<&std::path::Path>) -> Result<String> {
+    if let Some(path) = file {
+        return std::fs::read_to_string(path)
+            .map(|key| key.trim().to_owned())
+            .map_err(|source| Error::ApiKeyFile { path: path.to_owned(), source });
+    }
+    match std::env::var("TORPOR_API_KEY").ok().filter(|k| !k.trim().is_empty()) {
+        Some(key) => Ok(key),
+        None => read_default_api_key(),
+    }
+}
+
 /// The key in [`default_api_key_file`].
 pub fn read_default_api_key() -> Result<String> {
     let path = default_api_key_file();

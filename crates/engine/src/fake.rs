@@ -56,9 +56,7 @@ impl FakeEngine {
 
     /// Ends sandbox `id`'s VM as if it had crashed; `false` if it has none.
     pub fn kill(&self, id: &str, why: &str) -> bool {
-        let Some((_, exit)) = self.lock().running.remove(id) else { return false };
-        exit.send_replace(Some(VmExit { description: why.to_owned() }));
-        true
+        self.find_vm(id).is_some_and(|pid| self.end(id, pid, why))
     }
 
     pub fn is_running(&self, id: &str) -> bool {
@@ -187,7 +185,7 @@ impl Engine for FakeEngine {
         if !snapshot::exists(run_dir) {
             return Err(fail(format!("{} holds no complete snapshot", run_dir.display())));
         }
-        for file in ["mem.ram", "state.bin", "snapshot.json", DISK] {
+        for file in snapshot::FILES.into_iter().chain([DISK]) {
             std::fs::rename(run_dir.join(file), template_dir.join(file))
                 .map_err(|e| fail(format!("moving {file}: {e}")))?;
         }

@@ -17,6 +17,8 @@ pub const FORMAT: u32 = 1;
 const META: &str = "snapshot.json";
 const STATE: &str = "state.bin";
 const MEMORY: &str = "mem.ram";
+/// Every file of a complete snapshot.
+pub const FILES: [&str; 3] = [MEMORY, STATE, META];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMeta {

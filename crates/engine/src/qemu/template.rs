@@ -11,7 +11,7 @@ use crate::snapshot;
 use crate::EngineError;
 
 /// What a template is made of: the snapshot (RAM, device state, metadata) and the disk layer.
-pub(super) const FILES: &[&str] = &["mem.ram", "state.bin", "snapshot.json", super::cmdline::DISK];
+pub(super) const FILES: [&str; 4] = [snapshot::FILES[0], snapshot::FILES[1], snapshot::FILES[2], super::cmdline::DISK];
 
 /// Moves the paused sandbox's files into `template_dir`, frees the zeroed blocks of its RAM
 /// image and lets only `reader_group` read it.
